@@ -1,0 +1,61 @@
+"""`smedjan` command line: one subcommand per pipeline stage.
+
+Each stage's module registers its own parser (`register(subparsers)`), so this file
+stays a table of contents and `smedjan --help` lists the whole pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (module, one-line help) in pipeline order; each module defines register(subparsers).
+STAGES = [
+    "smedjan.info",
+    "smedjan.tokenizer",
+    "smedjan.data",
+    "smedjan.train.cli",
+    "smedjan.generate",
+    "smedjan.serve.cli",
+    "smedjan.bench",
+    "smedjan.hub",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smedjan", description="The smithy for language models, in JAX.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in STAGES:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:  # stage not built in this checkout
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except UserError as e:
+        print(f"smedjan {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+class UserError(Exception):
+    """Raised for bad input; printed as one line, no traceback."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

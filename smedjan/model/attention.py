@@ -1,0 +1,76 @@
+"""One attention entry point with interchangeable implementations.
+
+Layout everywhere is [batch, seq, heads, head_dim] ("BTNH", as jax.nn uses). K/V
+keep their own (fewer) heads: GQA groups query heads onto a kv head by reshaping
+the queries, so repeated K/V never exist in memory.
+
+Masking is by absolute positions, which serves training (positions 0..S-1) and
+cached decoding (a query at position p sees cache slots j <= p) with one rule:
+    visible(i, j) = kv_pos[j] <= q_pos[i]  and  kv_pos[j] > q_pos[i] - window
+                    and  segment[i] == segment[j]
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("auto", "xla", "cudnn", "pallas")
+
+
+def resolve_impl(impl: str) -> str:
+    """'auto' picks the fastest measured path for the backend (see benchmarks/RESULTS.md)."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+
+def attention_mask(q_pos, kv_pos, sliding_window=None, q_segment=None, kv_segment=None):
+    """Boolean [B, 1, 1, S, T] mask (broadcasts over kv heads and groups)."""
+    visible = kv_pos[:, None, :] <= q_pos[:, :, None]
+    if sliding_window is not None:
+        visible &= kv_pos[:, None, :] > q_pos[:, :, None] - sliding_window
+    if q_segment is not None:
+        visible &= q_segment[:, :, None] == kv_segment[:, None, :]
+    return visible[:, None, None]
+
+
+def xla_attention(q, k, v, mask, scale):
+    """Reference-quality attention in plain XLA ops: softmax in float32 like transformers."""
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, s, hkv, hq // hkv, d)
+    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(b, s, hq, d)
+
+
+def attention(q, k, v, *, q_pos, kv_pos, sliding_window=None, segment_ids=None, impl="xla",
+              decoding=False):
+    """Causal attention by absolute positions.
+
+    q [B,S,Hq,D]; k, v [B,T,Hkv,D]; q_pos [B,S]; kv_pos [B,T].
+    `decoding=True` means k/v are a KV cache longer than the query block (generation).
+    """
+    impl = resolve_impl(impl)
+    scale = q.shape[-1] ** -0.5
+    if impl == "pallas":
+        if decoding:
+            from pallas_kernels.decode_attention import decode_attention
+
+            return decode_attention(q, k, v, q_pos, sliding_window=sliding_window, sm_scale=scale)
+        from pallas_kernels.flash_attention import flash_attention
+
+        return flash_attention(q, k, v, causal=True, sliding_window=sliding_window,
+                               segment_ids=segment_ids, sm_scale=scale)
+    if impl == "cudnn" and not decoding and segment_ids is None:
+        # cuDNN's own causal mask assumes positions 0..S-1, which training batches have.
+        window = None if sliding_window is None else (sliding_window - 1, 0)
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=window,
+                                            implementation="cudnn")
+    mask = attention_mask(q_pos, kv_pos, sliding_window, segment_ids, segment_ids)
+    return xla_attention(q, k, v, mask, scale)
