@@ -1,0 +1,411 @@
+"""`smedjan bench`: forward, decode and training throughput of the real code paths.
+
+Columns (each: tokens/s, ms per step, TFLOP/s, MFU, peak device memory):
+
+* forward  -- `forward()` on [batch, seq_len] fresh random tokens, bf16 weights, logits out.
+* decode   -- batch 1, one token per jitted call with the KV cache donated (`forward` with
+              `init_cache`, or the engine's step when `smedjan.generate` provides one); the
+              prompt (seq_len/2 tokens) is prefilled first and excluded from the timing.
+* train    -- the trainer's own `make_train_step` (fp32 master weights, bf16 compute, AdamW),
+              i.e. exactly what `smedjan train` runs; fwd + bwd + optimizer update.
+
+FLOPs (documented in benchmarks/RESULTS.md):
+* train:   cfg.flops_per_token(S) = 6·N + 6·L·H·hd·S per token, N = matmul parameters
+           (embedding lookup excluded, LM head included), attention = QK^T and PV,
+           forward+backward (x3), causal (/2).
+* forward: one third of that (2·N + 2·L·H·hd·S).
+* decode:  2·N + 4·L·H·hd·ctx per token, ctx = mean attended context length.
+MFU = FLOP/s / 989e12 (H100/H200 SXM dense bf16); other devices: "n/a".
+
+Timing: warm-up calls first (compile excluded), then `repeats` chunks of `iters` calls
+dispatched back to back with one `block_until_ready` per chunk; the median chunk gives
+the per-step time. Inputs are drawn from a pool of distinct random batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
+FLOP_FORMULA = ("train: 6*N + 6*L*H*hd*S per token (N = matmul params incl. LM head, excl. embedding lookup; "
+                "attention QK^T+PV fwd+bwd, causal /2); forward: 1/3 of train; decode: 2*N + 4*L*H*hd*ctx; "
+                "MFU = FLOP/s / 989e12 (H100/H200 dense bf16)")
+COLUMNS = ("forward", "decode", "train")
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+def peak_flops_for(device_kind: str) -> float | None:
+    for name, peak in PEAK_FLOPS.items():
+        if name in device_kind:
+            return peak
+    return None
+
+
+def _peak_mem(device) -> int | None:
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without stats raise various errors
+        return None
+    if not stats:
+        return None
+    return stats.get("peak_bytes_in_use")
+
+
+def _timed(run_chunk, iters: int, repeats: int, warmup: int):
+    """run_chunk(n) dispatches n steps and returns something to block on."""
+    import jax
+
+    if warmup:
+        jax.block_until_ready(run_chunk(warmup))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run_chunk(iters))
+        times.append((time.perf_counter() - t0) / iters)
+    return statistics.median(times), times
+
+
+def _column(tokens_per_step, step_s, flops_per_token, peak, times, mem, **extra):
+    tps = tokens_per_step / step_s
+    flops = tps * flops_per_token
+    return {"tokens_per_s": tps, "step_ms": step_s * 1e3, "tflops": flops / 1e12,
+            "mfu": (flops / peak) if peak else None, "peak_mem_bytes": mem,
+            "times_s": times, **extra}
+
+
+def _dtype(name: str):
+    import jax.numpy as jnp
+
+    return {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "float32": jnp.float32,
+            "fp16": jnp.float16}[name]
+
+
+# ---- columns -----------------------------------------------------------------------------------
+def bench_forward(cfg, batch, seq_len, *, attn, dtype, iters, repeats, warmup, peak, pool=4, seed=0):
+    import jax
+    import jax.numpy as jnp
+
+    from smedjan.model.transformer import forward, init_params
+
+    params = init_params(cfg, jax.random.PRNGKey(seed), dtype)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), pool)
+    toks = [jax.random.randint(k, (batch, seq_len), 0, cfg.vocab_size, jnp.int32) for k in keys]
+    fwd = jax.jit(partial(forward, cfg=cfg, attn_impl=attn, compute_dtype=dtype))
+
+    def chunk(n):
+        out = None
+        for i in range(n):
+            out = fwd(params, toks[i % pool])
+        return out
+
+    t, times = _timed(chunk, iters, repeats, warmup)
+    mem = _peak_mem(jax.devices()[0])
+    del params, toks
+    return _column(batch * seq_len, t, cfg.flops_per_token(seq_len) / 3, peak, times, mem)
+
+
+def _decode_step_fn(cfg, attn, dtype):
+    """The decode path: the engine's step if smedjan.generate exposes one, else forward+cache."""
+    import jax
+    import jax.numpy as jnp
+
+    from smedjan.model.transformer import forward
+
+    def step(params, cache, tok, pos):
+        logits, cache = forward(params, tok, cfg, positions=pos, cache=cache, attn_impl=attn,
+                                compute_dtype=dtype)
+        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+        return nxt, cache, pos + 1
+
+    return jax.jit(step, donate_argnums=(1,)), "forward+init_cache (greedy argmax on device)"
+
+
+def bench_decode(cfg, seq_len, *, attn, dtype, repeats, warmup, peak, decode_tokens=None, seed=0):
+    import jax
+    import jax.numpy as jnp
+
+    from smedjan.model.transformer import forward, init_cache, init_params
+
+    n_new = decode_tokens or max(2, seq_len // 2)
+    prompt_len = max(1, seq_len - n_new)
+    max_len = prompt_len + n_new
+    params = init_params(cfg, jax.random.PRNGKey(seed), dtype)
+    cache = init_cache(cfg, 1, max_len, dtype)
+    prompt = jax.random.randint(jax.random.PRNGKey(seed + 2), (1, prompt_len), 0, cfg.vocab_size, jnp.int32)
+
+    @partial(jax.jit, donate_argnums=(1,))
+    def prefill(params, cache, tokens):
+        pos = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+        logits, cache = forward(params, tokens, cfg, positions=pos, cache=cache, attn_impl=attn,
+                                compute_dtype=dtype)
+        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None], cache
+
+    step, path = _decode_step_fn(cfg, attn, dtype)
+    first, cache = prefill(params, cache, prompt)
+    start_pos = jnp.full((1, 1), prompt_len, jnp.int32)
+    state = {"cache": cache}
+
+    def chunk(n):
+        # Restart at the end of the prompt each chunk: slots past a query's position are masked,
+        # so the previous chunk's entries never leak in.
+        tok, pos, cache = first, start_pos, state["cache"]
+        for _ in range(n):
+            tok, cache, pos = step(params, cache, tok, pos)
+        state["cache"] = cache
+        return tok
+
+    t, times = _timed(chunk, n_new, repeats, 1 if warmup else 0)
+    mem = _peak_mem(jax.devices()[0])
+    n = cfg.num_params() - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
+    ctx = prompt_len + n_new / 2
+    fpt = 2 * n + 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * ctx
+    del params, state
+    return _column(1, t, fpt, peak, times, mem, prompt_len=prompt_len, decode_tokens=n_new, path=path)
+
+
+def bench_train(cfg, batch, seq_len, *, attn, remat, dtype, iters, repeats, warmup, peak, loss_chunk=None,
+                grad_accum=1, pool=4, seed=0):
+    import jax
+
+    try:
+        import importlib
+
+        train_step_mod = importlib.import_module("smedjan.train.step")
+    except ModuleNotFoundError as e:
+        return {"error": f"trainer not available ({e.name} missing)"}
+    import jax.numpy as jnp
+
+    optimizer = train_step_mod.make_optimizer(**_optimizer_kwargs(train_step_mod))
+    state = train_step_mod.init_train_state(cfg, jax.random.PRNGKey(seed), optimizer, param_dtype=jnp.float32)
+    kw = dict(attn_impl=attn, remat=remat, compute_dtype=dtype, grad_accum=grad_accum, mesh=None)
+    if loss_chunk is not None:
+        kw["loss_chunk"] = loss_chunk
+    step = train_step_mod.make_train_step(cfg, optimizer, **_accepted(train_step_mod.make_train_step, kw))
+    keys = jax.random.split(jax.random.PRNGKey(seed + 3), pool)
+    batches = [_make_batch(train_step_mod, jax.random.randint(k, (batch, seq_len + 1), 0, cfg.vocab_size,
+                                                              jnp.int32)) for k in keys]
+    holder = {"state": state}
+
+    def chunk(n):
+        st, metrics = holder["state"], None
+        for i in range(n):
+            st, metrics = step(st, batches[i % pool])
+        holder["state"] = st
+        return metrics
+
+    t, times = _timed(chunk, iters, repeats, warmup)
+    mem = _peak_mem(jax.devices()[0])
+    del holder, batches
+    return _column(batch * seq_len, t, cfg.flops_per_token(seq_len), peak, times, mem)
+
+
+def _accepted(fn, kw: dict) -> dict:
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return kw
+    return {k: v for k, v in kw.items() if k in params}
+
+
+def _optimizer_kwargs(mod) -> dict:
+    return _accepted(mod.make_optimizer, {"lr": 3e-4, "learning_rate": 3e-4, "warmup_steps": 10,
+                                          "total_steps": 10_000, "weight_decay": 0.1})
+
+
+def _make_batch(mod, tokens):
+    """Token rows of seq_len+1; the trainer's own batch builder when it has one."""
+    for name in ("make_batch", "batch_from_tokens"):
+        if hasattr(mod, name):
+            return getattr(mod, name)(tokens)
+    return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+
+
+# ---- peer --------------------------------------------------------------------------------------
+def run_torch_peer(cfg, args) -> dict:
+    """Runs benchmarks/torch_peer.py in a child process (before JAX touches the GPU)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "torch_peer.py"
+    if not script.is_file():
+        return {"error": f"{script} not found (peer needs a source checkout)"}
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        return {"error": f"torch/transformers not importable: {e}"}
+    modes = args.peer_modes
+    cmd = [sys.executable, str(script), "--config-json", json.dumps(cfg.to_hf_dict()), "--batch", str(args.batch),
+           "--seq-len", str(args.seq_len), "--iters", str(args.iters), "--repeats", str(args.repeats),
+           "--warmup", str(args.warmup), "--modes", modes, "--columns", ",".join(args.columns)]
+    if args.decode_tokens:
+        cmd += ["--decode-tokens", str(args.decode_tokens)]
+    env = dict(os.environ)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": "torch peer failed: " + proc.stderr.strip().splitlines()[-1] if proc.stderr.strip()
+                else f"torch peer exited {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- command -----------------------------------------------------------------------------------
+def run_bench(cfg, args) -> dict:
+    import jax
+
+    peer = run_torch_peer(cfg, args) if args.peer == "torch" else None  # before JAX takes the GPU
+    from smedjan.model.attention import resolve_impl
+
+    dev = jax.devices()[0]
+    peak = peak_flops_for(dev.device_kind)
+    attn = resolve_impl(args.attn)
+    dtype = _dtype(args.dtype)
+    common = dict(dtype=dtype, repeats=args.repeats, warmup=args.warmup, peak=peak)
+    results = {}
+    for col in args.columns:
+        log(args, f"[bench] {col} ...")
+        try:
+            if col == "forward":
+                results[col] = bench_forward(cfg, args.batch, args.seq_len, attn=attn, iters=args.iters, **common)
+            elif col == "decode":
+                results[col] = bench_decode(cfg, args.seq_len, attn=attn, decode_tokens=args.decode_tokens,
+                                            **common)
+            elif col == "train":
+                results[col] = bench_train(cfg, args.batch, args.seq_len, attn=attn, remat=args.remat,
+                                           iters=args.iters, loss_chunk=args.loss_chunk,
+                                           grad_accum=args.grad_accum, **common)
+        except Exception as e:  # noqa: BLE001 - an OOM in one column should not hide the others
+            if not _is_oom(e):
+                raise
+            results[col] = {"error": f"out of memory: {str(e).splitlines()[0][:200]}"}
+    out = {
+        "model": args.size, "config": cfg.to_hf_dict(), "num_params": cfg.num_params(),
+        "batch": args.batch, "seq_len": args.seq_len, "attn": attn, "remat": args.remat, "dtype": args.dtype,
+        "loss_chunk": args.loss_chunk, "grad_accum": args.grad_accum,
+        "backend": jax.default_backend(), "device": dev.device_kind, "jax": jax.__version__,
+        "peak_flops": peak, "flop_formula": FLOP_FORMULA, "iters": args.iters, "repeats": args.repeats,
+        "results": results,
+    }
+    if peer is not None:
+        out["peer"] = peer
+        out["ratio"] = peer_ratios(results, peer)
+    return out
+
+
+def _is_oom(e: Exception) -> bool:
+    s = str(e)
+    return "RESOURCE_EXHAUSTED" in s or "Out of memory" in s or "out of memory" in s
+
+
+def peer_ratios(results: dict, peer: dict) -> dict:
+    """smedjan tokens/s over each peer mode's tokens/s, per column."""
+    ratios = {}
+    for mode, cols in (peer.get("results") or {}).items():
+        for col, r in cols.items():
+            ours = results.get(col, {}).get("tokens_per_s")
+            if ours and r.get("tokens_per_s"):
+                ratios.setdefault(col, {})[mode] = ours / r["tokens_per_s"]
+    return ratios
+
+
+def _fmt_mem(b):
+    return "n/a" if b is None else f"{b / 2**30:.2f} GiB"
+
+
+def format_table(out: dict) -> str:
+    lines = [f"smedjan bench: {out['model']} ({out['num_params'] / 1e6:.1f}M params)  batch {out['batch']} x seq "
+             f"{out['seq_len']}  attn={out['attn']} remat={out['remat']} dtype={out['dtype']}  "
+             f"device={out['device']} ({out['backend']}, jax {out['jax']})"]
+    head = f"{'column':<9} {'tokens/s':>12} {'ms/step':>10} {'TFLOP/s':>9} {'MFU':>7} {'peak mem':>11}"
+    lines += [head, "-" * len(head)]
+    for col, r in out["results"].items():
+        if "error" in r:
+            lines.append(f"{col:<9} {r['error']}")
+            continue
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(f"{col:<9} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>10.3f} {r['tflops']:>9.2f} {mfu:>7} "
+                     f"{_fmt_mem(r['peak_mem_bytes']):>11}")
+    peer = out.get("peer")
+    if peer is not None:
+        if "error" in peer:
+            lines.append(f"peer torch: {peer['error']}")
+        else:
+            lines.append(f"peer: torch {peer.get('torch')} + transformers {peer.get('transformers')} on "
+                         f"{peer.get('device')} ({peer.get('dtype')})")
+            for mode, cols in peer["results"].items():
+                for col, r in cols.items():
+                    ratio = out["ratio"].get(col, {}).get(mode)
+                    rs = "" if ratio is None else f"   smedjan/peer = {ratio:.2f}x"
+                    lines.append(f"  {mode:<8} {col:<8} {r['tokens_per_s']:>12,.0f} tok/s {r['step_ms']:>9.3f} ms{rs}")
+    lines.append(f"FLOPs: {out['flop_formula']}")
+    return "\n".join(lines)
+
+
+def log(args, msg):
+    if not args.json or args.verbose:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def run(args) -> int:
+    from smedjan.cli import UserError
+    from smedjan.config import ConfigError, resolve_config
+    from smedjan.info import model_overrides
+
+    for name in ("batch", "seq_len", "iters", "repeats"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    if args.warmup < 0:
+        raise UserError("--warmup must be >= 0")
+    cols = tuple(c.strip() for c in args.columns.split(",") if c.strip())
+    bad = [c for c in cols if c not in COLUMNS]
+    if bad or not cols:
+        raise UserError(f"--columns takes a comma list of {COLUMNS}, got {args.columns!r}")
+    args.columns = cols
+    try:
+        overrides = model_overrides(args)
+        cfg = resolve_config(args.size, **overrides)
+        if args.seq_len > cfg.max_position_embeddings:
+            cfg = cfg.replace(max_position_embeddings=args.seq_len)
+    except (ConfigError, TypeError) as e:
+        raise UserError(str(e)) from None
+    if "decode" in cols and args.decode_tokens and args.decode_tokens < 2:
+        raise UserError("--decode-tokens must be >= 2")
+    out = run_bench(cfg, args)
+    print(json.dumps(out, indent=2) if args.json else format_table(out))
+    return 0
+
+
+def add_bench_args(p) -> None:
+    from smedjan.info import add_model_args
+
+    p.add_argument("--size", default="small", help="preset (tiny, small, medium, 125m, 350m, 1b, ...) or checkpoint folder")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--attn", default="auto", choices=["auto", "xla", "cudnn", "pallas"])
+    p.add_argument("--remat", default="none", help="remat policy of the train step (none, full, dots, ...)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="compute dtype")
+    p.add_argument("--loss-chunk", type=int, default=None, help="train step's cross-entropy chunk (tokens)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--columns", default=",".join(COLUMNS), help="comma list of forward,decode,train")
+    p.add_argument("--iters", type=int, default=20, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=5, help="repeats; the median is reported")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile included)")
+    p.add_argument("--decode-tokens", type=int, default=None, help="decoded tokens per repeat (default seq_len/2)")
+    p.add_argument("--peer", choices=["none", "torch"], default="none",
+                   help="also run PyTorch + transformers at the same shapes and print the ratio")
+    p.add_argument("--peer-modes", default="eager,compile", help="peer modes: eager,compile")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--verbose", action="store_true")
+    add_model_args(p)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="forward / decode / train throughput, MFU and memory (optionally vs PyTorch)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_bench_args(p)
+    p.set_defaults(func=run)
