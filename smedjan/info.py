@@ -12,7 +12,7 @@ def add_model_args(p) -> None:
     p.add_argument("--dim", type=int, help="hidden size")
     p.add_argument("--layers", type=int, help="number of layers")
     p.add_argument("--heads", type=int, help="attention heads")
-    p.add_argument("--kv-heads", type=int, help="key/value heads (GQA/MQA)")
+    p.add_argument("--kv-heads", type=int, help="key/value heads (GQA/MQA; default: --heads)")
     p.add_argument("--ffn-dim", type=int, help="SwiGLU intermediate size")
     p.add_argument("--vocab-size", type=int, help="vocabulary size")
     p.add_argument("--max-seq-len", type=int, help="max_position_embeddings")
@@ -23,6 +23,8 @@ def model_overrides(args) -> dict:
              "kv_heads": "num_key_value_heads", "ffn_dim": "intermediate_size", "vocab_size": "vocab_size",
              "max_seq_len": "max_position_embeddings"}
     out = {hf: getattr(args, a) for a, hf in names.items() if getattr(args, a, None) is not None}
+    if "num_attention_heads" in out and "num_key_value_heads" not in out:
+        out["num_key_value_heads"] = out["num_attention_heads"]  # --heads alone means plain multi-head
     if "hidden_size" in out or "num_attention_heads" in out:
         out["head_dim"] = 0  # re-derive from the new shape
     return out
