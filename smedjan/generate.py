@@ -1,0 +1,755 @@
+"""Text generation: prefill + decode over a preallocated KV cache, all jit-compiled.
+
+Layout of the engine:
+
+* `prepare_params` turns the flat HF-named params into a decode-friendly form once:
+  one dict per layer (no per-step slicing of stacked weights), q/k/v and gate/up fused
+  into single matrices (one GEMV instead of three / two), everything cast to the
+  compute dtype up front.
+* The KV cache is a tuple of per-layer (k, v) buffers [B, T, Hkv, D] ("slots": row b
+  belongs to one sequence). The decode step is a python-unrolled layer loop, so each
+  layer's cache is its own buffer, updated in place by a scatter (buffers donated):
+  a step reads the weights once and the cache only up to `kv_len`, and copies
+  nothing.
+* `DecodeState` lives on the device: caches, last token and position per slot,
+  per-slot sampling parameters, generated-token counts (for penalties). Prefill and
+  decode steps are pure functions state -> state, so a scheduler can drive them one
+  step at a time (continuous batching, smedjan.serve.engine), and `generate` runs
+  the whole decode loop on the device in one `lax.while_loop`.
+* Sampling is per row (each slot carries its own temperature, top-k, top-p, min-p,
+  penalties and seed), so requests with different settings share one batch without
+  recompiles. The random key of a row is fold_in(key(seed), position): a request's
+  samples do not depend on what else is in the batch.
+
+Compiles are bounded: prompts are padded to power-of-two buckets, and the decode
+step is specialised on a power-of-two `kv_len` (how much of the cache it reads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from smedjan.config import ModelConfig
+from smedjan.model.attention import attention
+from smedjan.model.rope import apply_rope, rope_cos_sin
+from smedjan.model.transformer import layer_params, linear, lm_head, rms_norm
+
+# Donation is a no-op on some backends (CPU with some jax versions); the warning is noise.
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+
+MAX_TOP_LOGPROBS = 20
+MIN_BUCKET = 16
+
+
+def next_bucket(n: int, cap: int | None = None, minimum: int = MIN_BUCKET) -> int:
+    """Smallest power of two >= n (at least `minimum`), capped at `cap`."""
+    b = max(minimum, 1 << max(0, int(n - 1).bit_length()))
+    return min(b, cap) if cap is not None else b
+
+
+# ---- sampling parameters ---------------------------------------------------------------------
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0  # 0 (or -1): off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF/CTRL style, over prompt + generated tokens
+    presence_penalty: float = 0.0  # OpenAI style, over generated tokens
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # None: a fresh random seed
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    ignore_eos: bool = False
+
+    def validate(self) -> "SamplingParams":
+        """Raise ValueError(param_name, message) for out-of-range values."""
+        def bad(name, msg):
+            raise ValueError(name, msg)
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            bad("max_tokens", f"max_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not 0.0 <= self.temperature <= 100.0:
+            bad("temperature", f"temperature must be in [0, 100], got {self.temperature}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            bad("top_k", f"top_k must be an integer >= -1 (-1 or 0: off), got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            bad("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            bad("min_p", f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            bad("repetition_penalty", f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            bad("presence_penalty", f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            bad("frequency_penalty", f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad("seed", f"seed must be an integer, got {self.seed!r}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            bad("top_logprobs", f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        return self
+
+    def row(self, seed: int) -> dict:
+        return {"temperature": float(self.temperature), "top_k": int(max(self.top_k, 0)),
+                "top_p": float(self.top_p), "min_p": float(self.min_p),
+                "repetition_penalty": float(self.repetition_penalty),
+                "presence_penalty": float(self.presence_penalty),
+                "frequency_penalty": float(self.frequency_penalty), "seed": int(seed) & 0xFFFFFFFF}
+
+
+_SAMP_DTYPES = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "min_p": np.float32,
+                "repetition_penalty": np.float32, "presence_penalty": np.float32,
+                "frequency_penalty": np.float32, "seed": np.uint32}
+
+
+def _samp_arrays(rows: list[dict]) -> dict:
+    return {k: np.asarray([r[k] for r in rows], dt) for k, dt in _SAMP_DTYPES.items()}
+
+
+# ---- parameters ----------------------------------------------------------------------------------
+def prepare_params(params: dict, cfg: ModelConfig, dtype=None) -> dict:
+    """Flat HF-named params -> {"embed", "head", "norm", "layers": [per-layer dict]} in `dtype`."""
+    if "layers" in params and "embed" in params:
+        return params  # already prepared
+    embed = params["model.embed_tokens.weight"]
+    dtype = jnp.dtype(dtype or embed.dtype)
+    lp = layer_params(params)
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        def g(name):
+            return lp[name][i].astype(dtype)
+
+        layer = {
+            "ln1": g("input_layernorm.weight"),
+            "ln2": g("post_attention_layernorm.weight"),
+            "qkv": jnp.concatenate([g("self_attn.q_proj.weight"), g("self_attn.k_proj.weight"),
+                                    g("self_attn.v_proj.weight")], axis=0),
+            "o": g("self_attn.o_proj.weight"),
+            "gate_up": jnp.concatenate([g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")], axis=0),
+            "down": g("mlp.down_proj.weight"),
+        }
+        if cfg.qkv_bias:
+            layer["qkv_b"] = jnp.concatenate([g("self_attn.q_proj.bias"), g("self_attn.k_proj.bias"),
+                                              g("self_attn.v_proj.bias")], axis=0)
+        if cfg.o_bias:
+            layer["o_b"] = g("self_attn.o_proj.bias")
+        if cfg.qk_norm:
+            layer["q_norm"] = g("self_attn.q_norm.weight")
+            layer["k_norm"] = g("self_attn.k_norm.weight")
+        layers.append(layer)
+    e = embed.astype(dtype)
+    head = e if cfg.tie_word_embeddings else lm_head(params, cfg).astype(dtype)
+    return {"embed": e, "head": head, "norm": params["model.norm.weight"].astype(dtype), "layers": layers}
+
+
+def param_bytes(w: dict) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(w))
+
+
+# ---- the model, decode-shaped -----------------------------------------------------------------------
+def _qkv(x, p, cfg: ModelConfig, cos, sin):
+    b, s, _ = x.shape
+    hd, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    qkv = linear(x, p["qkv"], p.get("qkv_b"))
+    q, k, v = jnp.split(qkv, [hq * hd, (hq + hkv) * hd], axis=-1)
+    q, k, v = q.reshape(b, s, hq, hd), k.reshape(b, s, hkv, hd), v.reshape(b, s, hkv, hd)
+    if cfg.qk_norm:
+        q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _mlp(x, p, f):
+    gu = linear(x, p["gate_up"])
+    return linear(jax.nn.silu(gu[..., :f]) * gu[..., f:], p["down"])
+
+
+def _finish_layer(x, attn_out, p, cfg):
+    b, s = attn_out.shape[:2]
+    x = x + linear(attn_out.reshape(b, s, -1), p["o"], p.get("o_b"))
+    return x + _mlp(rms_norm(x, p["ln2"], cfg.rms_norm_eps), p, cfg.intermediate_size)
+
+
+def _decode_forward(w, cfg: ModelConfig, caches, tokens, pos, active, kv_len: int, impl: str):
+    """One token per slot. tokens/pos/active [B]; returns (fp32 logits [B, V], new caches)."""
+    b = tokens.shape[0]
+    x = jnp.take(w["embed"], tokens, axis=0)[:, None]
+    q_pos = pos[:, None]
+    cos, sin = rope_cos_sin(cfg, q_pos, seq_len=jnp.max(jnp.where(active, pos, 0)) + 1)
+    rows = jnp.arange(b)[:, None]
+    new_caches = []
+    for p, (ck, cv) in zip(w["layers"], caches):
+        q, k, v = _qkv(rms_norm(x, p["ln1"], cfg.rms_norm_eps), p, cfg, cos, sin)
+        ck = ck.at[rows, q_pos].set(k.astype(ck.dtype), mode="drop")
+        cv = cv.at[rows, q_pos].set(v.astype(cv.dtype), mode="drop")
+        if impl == "pallas":  # the kernel skips blocks past each row's position by itself
+            kk, vv = ck, cv
+        else:
+            kk, vv = ck[:, :kv_len], cv[:, :kv_len]
+        kv_pos = jnp.broadcast_to(jnp.arange(kk.shape[1], dtype=jnp.int32), (b, kk.shape[1]))
+        out = attention(q, kk.astype(q.dtype), vv.astype(q.dtype), q_pos=q_pos, kv_pos=kv_pos,
+                        sliding_window=cfg.sliding_window, impl=impl, decoding=True)
+        x = _finish_layer(x, out, p, cfg)
+        new_caches.append((ck, cv))
+    x = rms_norm(x[:, 0], w["norm"], cfg.rms_norm_eps)
+    return linear(x, w["head"]).astype(jnp.float32), tuple(new_caches)
+
+
+def _prefill_forward(w, cfg: ModelConfig, caches, tokens, lens, slots, impl: str):
+    """Prompts [N, S] (right-padded, lengths `lens`) written into cache rows `slots`.
+
+    Attention runs over the prompt itself (causal), not the cache; k/v are then
+    scattered into the slots. Returns (fp32 logits at each prompt's last token [N, V], caches).
+    """
+    n, s = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (n, s))
+    x = jnp.take(w["embed"], tokens, axis=0)
+    cos, sin = rope_cos_sin(cfg, positions, seq_len=jnp.max(lens))
+    prefill_impl = "xla" if impl == "pallas" and jax.default_backend() != "gpu" else impl
+    if prefill_impl == "pallas":
+        prefill_impl = "auto"
+    new_caches = []
+    for p, (ck, cv) in zip(w["layers"], caches):
+        q, k, v = _qkv(rms_norm(x, p["ln1"], cfg.rms_norm_eps), p, cfg, cos, sin)
+        ck = ck.at[slots[:, None], positions].set(k.astype(ck.dtype), mode="drop")
+        cv = cv.at[slots[:, None], positions].set(v.astype(cv.dtype), mode="drop")
+        out = attention(q, k, v, q_pos=positions, kv_pos=positions, sliding_window=cfg.sliding_window,
+                        impl=prefill_impl)
+        x = _finish_layer(x, out, p, cfg)
+        new_caches.append((ck, cv))
+    last = jnp.take_along_axis(x, (lens - 1)[:, None, None], axis=1)[:, 0]
+    last = rms_norm(last, w["norm"], cfg.rms_norm_eps)
+    return linear(last, w["head"]).astype(jnp.float32), tuple(new_caches)
+
+
+# ---- sampling --------------------------------------------------------------------------------------
+def _penalize(logits, samp, counts, prompt_mask):
+    rp = samp["repetition_penalty"][:, None]
+    seen = (counts > 0) | prompt_mask
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rp, logits * rp), logits)
+    return (logits - samp["frequency_penalty"][:, None] * counts
+            - samp["presence_penalty"][:, None] * (counts > 0))
+
+
+def _mix32(x):
+    """murmur3's 32-bit finaliser: a bijective avalanche hash on uint32."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def _uniform(seed, pos):
+    """A uniform in [0, 1) per row from (seed, position)."""
+    h = _mix32(_mix32(seed.astype(jnp.uint32) ^ jnp.uint32(0x9E3779B9)) + pos.astype(jnp.uint32) * jnp.uint32(0x632BE5AB))
+    h = _mix32(h)
+    return (h >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
+
+
+def _sample_rows(logits, samp, key_pos):
+    """Temperature, then top-k, top-p (renormalised after top-k), min-p; one categorical draw per row."""
+    v = logits.shape[-1]
+    temp = jnp.where(samp["temperature"] > 0, samp["temperature"], 1.0)
+    sorted_l, idx = jax.lax.top_k(logits / temp[:, None], v)
+    ranks = jnp.arange(v)[None]
+    neg = jnp.finfo(jnp.float32).min
+    k = samp["top_k"][:, None]
+    sorted_l = jnp.where((k > 0) & (ranks >= k), neg, sorted_l)
+    probs = jax.nn.softmax(sorted_l, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    drop = (before >= samp["top_p"][:, None]) | (probs < samp["min_p"][:, None] * probs[:, :1])
+    sorted_l = jnp.where(drop & (ranks > 0), neg, sorted_l)
+
+    # Inverse-CDF draw from one uniform per row, u = hash(seed, position): cheap to compile and
+    # to run (threefry per row costs seconds of CPU compile), and independent of the batch.
+    probs = jax.nn.softmax(sorted_l, axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = _uniform(samp["seed"], key_pos) * cdf[:, -1]
+    kept = jnp.sum(sorted_l > neg, axis=-1)
+    choice = jnp.minimum(jnp.sum(cdf <= u[:, None], axis=-1), kept - 1)
+    return jnp.take_along_axis(idx, choice[:, None], axis=1)[:, 0].astype(jnp.int32)
+
+
+def _sample(logits, samp, counts, prompt_mask, key_pos, top_n: int):
+    """logits fp32 [B, V] -> dict(tok [B], logprob [B], and top_ids/top_logprobs [B, top_n] if top_n)."""
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    any_pen = (jnp.any(samp["repetition_penalty"] != 1.0) | jnp.any(samp["presence_penalty"] != 0.0)
+               | jnp.any(samp["frequency_penalty"] != 0.0))
+    logits = jax.lax.cond(any_pen, lambda l: _penalize(l, samp, counts, prompt_mask), lambda l: l, logits)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tok = jax.lax.cond(jnp.all(samp["temperature"] <= 0), lambda l: greedy,
+                       lambda l: jnp.where(samp["temperature"] > 0, _sample_rows(l, samp, key_pos), greedy),
+                       logits)
+    out = {"tok": tok, "logprob": jnp.take_along_axis(logprobs, tok[:, None], axis=1)[:, 0]}
+    if top_n:
+        out["top_logprobs"], out["top_ids"] = jax.lax.top_k(logprobs, top_n)
+    return out
+
+
+# ---- device state + jitted steps --------------------------------------------------------------------
+def init_state(cfg: ModelConfig, batch: int, max_len: int, dtype) -> dict:
+    shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    caches = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_hidden_layers))
+    return {
+        "caches": caches,
+        "tok": jnp.zeros((batch,), jnp.int32),
+        "pos": jnp.zeros((batch,), jnp.int32),
+        "counts": jnp.zeros((batch, cfg.vocab_size), jnp.int32),
+        "prompt_mask": jnp.zeros((batch, cfg.vocab_size), jnp.bool_),
+        "samp": {k: jnp.asarray(np.full((batch,), 1.0 if k in ("top_p", "repetition_penalty") else 0, dt))
+                 for k, dt in _SAMP_DTYPES.items()},
+    }
+
+
+def _step_core(w, state, active, cfg, kv_len, impl, top_n):
+    logits, caches = _decode_forward(w, cfg, state["caches"], state["tok"], state["pos"], active, kv_len, impl)
+    out = _sample(logits, state["samp"], state["counts"], state["prompt_mask"], state["pos"], top_n)
+    b = logits.shape[0]
+    tok = jnp.where(active, out["tok"], state["tok"])
+    new = dict(state, caches=caches, tok=tok, pos=jnp.where(active, state["pos"] + 1, state["pos"]),
+               counts=state["counts"].at[jnp.arange(b), tok].add(active.astype(jnp.int32)))
+    return new, out
+
+
+@partial(jax.jit, static_argnames=("cfg", "kv_len", "impl", "top_n"), donate_argnames=("state",))
+def decode_step(w, state, active, cfg: ModelConfig, kv_len: int, impl: str = "xla", top_n: int = 0):
+    """One decode step for every slot; inactive slots neither advance nor count."""
+    return _step_core(w, state, active, cfg, kv_len, impl, top_n)
+
+
+@partial(jax.jit, static_argnames=("cfg", "impl", "top_n"), donate_argnames=("state",))
+def prefill_step(w, state, tokens, lens, slots, samp, cfg: ModelConfig, impl: str = "xla", top_n: int = 0):
+    """Prefill prompts [N, S] into `slots` and sample each one's first token with its `samp` row."""
+    n, s = tokens.shape
+    v = cfg.vocab_size
+    logits, caches = _prefill_forward(w, cfg, state["caches"], tokens, lens, slots, impl)
+    valid = jnp.arange(s)[None] < lens[:, None]
+    pm = jnp.zeros((n, v), jnp.bool_).at[jnp.arange(n)[:, None], jnp.where(valid, tokens, v)].set(True, mode="drop")
+    counts = jnp.zeros((n, v), jnp.int32)
+    out = _sample(logits, samp, counts, pm, lens - 1, top_n)
+    counts = counts.at[jnp.arange(n), out["tok"]].add(1)
+    new = dict(state, caches=caches,
+               tok=state["tok"].at[slots].set(out["tok"]),
+               pos=state["pos"].at[slots].set(lens),
+               counts=state["counts"].at[slots].set(counts),
+               prompt_mask=state["prompt_mask"].at[slots].set(pm),
+               samp={k: state["samp"][k].at[slots].set(samp[k]) for k in state["samp"]})
+    return new, out
+
+
+@partial(jax.jit, static_argnames=("cfg", "n_steps", "kv_len", "impl", "top_n"), donate_argnames=("state",))
+def decode_loop(w, state, first, active, stop_ids, cfg: ModelConfig, n_steps: int, kv_len: int,
+                impl: str = "xla", top_n: int = 0):
+    """Up to `n_steps` decode steps on the device; stops early once every row is done.
+
+    first: the prefill's output dict; stop_ids [K] int32 (-1 padded). Returns (state, tokens [B, n_steps+1],
+    logprobs [B, n_steps+1], top (or None), steps taken); rows are -1 after their stop token.
+    """
+    b = first["tok"].shape[0]
+    toks = jnp.full((b, n_steps + 1), -1, jnp.int32).at[:, 0].set(first["tok"])
+    lps = jnp.zeros((b, n_steps + 1), jnp.float32).at[:, 0].set(first["logprob"])
+    tops = None
+    if top_n:
+        tops = (jnp.zeros((b, n_steps + 1, top_n), jnp.float32).at[:, 0].set(first["top_logprobs"]),
+                jnp.zeros((b, n_steps + 1, top_n), jnp.int32).at[:, 0].set(first["top_ids"]))
+    done = ~active | jnp.isin(first["tok"], stop_ids)
+
+    def cond(c):
+        return (c[1] <= n_steps) & ~jnp.all(c[5])
+
+    def body(c):
+        state, i, toks, lps, tops, done = c
+        state, out = _step_core(w, state, ~done, cfg, kv_len, impl, top_n)
+        toks = toks.at[:, i].set(jnp.where(done, -1, out["tok"]))
+        lps = lps.at[:, i].set(out["logprob"])
+        if top_n:
+            tops = (tops[0].at[:, i].set(out["top_logprobs"]), tops[1].at[:, i].set(out["top_ids"]))
+        done = done | jnp.isin(out["tok"], stop_ids)
+        return state, i + 1, toks, lps, tops, done
+
+    state, steps, toks, lps, tops, done = jax.lax.while_loop(cond, body, (state, 1, toks, lps, tops, done))
+    return state, toks, lps, tops, steps
+
+
+# ---- a host-side runner over the state (used by generate, the server and the benchmark) -------------
+class Runner:
+    """Owns the device state of B slots × T positions and the compiled steps."""
+
+    def __init__(self, params: dict, cfg: ModelConfig, max_batch: int, max_seq_len: int, dtype=None,
+                 attn_impl: str = "xla", cache_dtype=None, min_kv_bucket: int = MIN_BUCKET):
+        self.cfg = cfg
+        self.min_kv_bucket = min_kv_bucket
+        self.w = prepare_params(params, cfg, dtype)
+        self.dtype = self.w["embed"].dtype
+        self.cache_dtype = jnp.dtype(cache_dtype or self.dtype)
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.attn_impl = attn_impl
+        self.state = init_state(cfg, max_batch, max_seq_len, self.cache_dtype)
+        self.pos = np.zeros(max_batch, np.int64)  # host mirror of state["pos"]
+
+    def reset(self):
+        self.state = init_state(self.cfg, self.max_batch, self.max_seq_len, self.cache_dtype)
+        self.pos[:] = 0
+
+    def prefill(self, slots: list[int], prompts: list[list[int]], samp_rows: list[dict], top_n: int = 0,
+                bucket: int | None = None) -> dict:
+        n = len(prompts)
+        lens = [len(p) for p in prompts]
+        if min(lens) < 1 or max(lens) > self.max_seq_len:
+            raise ValueError(f"prompt lengths must be in [1, {self.max_seq_len}], got {lens}")
+        s = bucket or next_bucket(max(lens), self.max_seq_len)
+        tokens = np.zeros((n, s), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = p
+        self.state, out = prefill_step(self.w, self.state, tokens, np.asarray(lens, np.int32),
+                                       np.asarray(slots, np.int32), _samp_arrays(samp_rows), cfg=self.cfg,
+                                       impl=self.attn_impl, top_n=top_n)
+        self.pos[np.asarray(slots)] = lens
+        return out
+
+    def kv_len_for(self, active: np.ndarray) -> int:
+        maxpos = int(self.pos[active].max()) if active.any() else 0
+        return next_bucket(maxpos + 1, self.max_seq_len, self.min_kv_bucket)
+
+    def step(self, active: np.ndarray, top_n: int = 0) -> dict:
+        """One decode step (async: returns device arrays)."""
+        kv_len = self.kv_len_for(active)
+        self.state, out = decode_step(self.w, self.state, jnp.asarray(active), cfg=self.cfg, kv_len=kv_len,
+                                      impl=self.attn_impl, top_n=top_n)
+        self.pos[active] += 1
+        return out
+
+
+# ---- the public batch API ------------------------------------------------------------------------
+_PREPARED: dict = {}
+
+
+def _prepared(params, cfg, dtype):
+    if "layers" in params and "embed" in params:
+        return params
+    key = (id(params), cfg, None if dtype is None else jnp.dtype(dtype).name)
+    hit = _PREPARED.get(key)
+    if hit is not None and hit[0] is params:
+        return hit[1]
+    w = prepare_params(params, cfg, dtype)
+    _PREPARED.clear()  # one model at a time: keep device memory bounded
+    _PREPARED[key] = (params, w)
+    return w
+
+
+def _eos_list(eos_id) -> list[int]:
+    if eos_id is None:
+        return []
+    if isinstance(eos_id, (list, tuple, set)):
+        return [int(e) for e in eos_id]
+    return [int(eos_id)]
+
+
+def generate(params, cfg: ModelConfig, prompt_ids: list[list[int]], max_new_tokens: int = 32,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
+             eos_id=None, *, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+             frequency_penalty: float = 0.0, stop_token_ids=None, stop_strings=None, tokenizer=None,
+             dtype=None, attn_impl: str = "xla", return_logprobs: bool = False, max_seq_len: int | None = None):
+    """Generate for a batch of prompts; returns the new tokens of each (stop token excluded).
+
+    The decode loop runs on the device. Row i samples with seed `seed + i`, so rows of a
+    batch differ while a run stays reproducible. `stop_strings` (needs `tokenizer`) cut a
+    row's tokens before the token that completes the stop string. With
+    `return_logprobs=True` returns (tokens, logprobs) lists.
+    """
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token")
+    sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                        frequency_penalty=frequency_penalty, seed=seed)
+    try:
+        sp.validate()
+    except ValueError as e:
+        raise ValueError(e.args[-1]) from None
+    w = _prepared(params, cfg, dtype)
+    b = len(prompt_ids)
+    longest = max(len(p) for p in prompt_ids)
+    t = max_seq_len or next_bucket(longest + max_new_tokens, minimum=64)
+    if longest >= t:
+        raise ValueError(f"prompt of {longest} tokens does not fit max_seq_len {t}")
+    runner = Runner(w, cfg, b, t, attn_impl=attn_impl)
+    rows = [sp.row(seed + i) for i in range(b)]
+    first = runner.prefill(list(range(b)), [list(p) for p in prompt_ids], rows)
+    stops = sorted(set(_eos_list(eos_id) + list(stop_token_ids or [])))
+    stop_arr = jnp.asarray(stops or [-1], jnp.int32)
+    n_steps = max_new_tokens - 1
+    kv_len = next_bucket(longest + max_new_tokens, t)
+    runner.state, toks, lps, _, _ = decode_loop(w, runner.state, first, jnp.ones((b,), jnp.bool_), stop_arr,
+                                                cfg=cfg, n_steps=n_steps, kv_len=kv_len, impl=attn_impl)
+    toks, lps = np.asarray(toks), np.asarray(lps)
+    out_t, out_l = [], []
+    for i in range(b):
+        # Room left in the cache bounds a row too (prompts shorter than the longest have more).
+        row, lrow = [], []
+        for j in range(max_new_tokens):
+            tok = int(toks[i, j])
+            if tok < 0 or tok in stops:
+                break
+            row.append(tok)
+            lrow.append(float(lps[i, j]))
+        if stop_strings:
+            if tokenizer is None:
+                raise ValueError("stop_strings need a tokenizer")
+            cut = _stop_string_cut(tokenizer, row, stop_strings)
+            row, lrow = row[:cut], lrow[:cut]
+        out_t.append(row)
+        out_l.append(lrow)
+    return (out_t, out_l) if return_logprobs else out_t
+
+
+def _stop_string_cut(tokenizer, ids: list[int], stops) -> int:
+    for k in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:k])
+        if any(s and s in text for s in stops):
+            return k - 1
+    return len(ids)
+
+
+# ---- incremental detokenisation with stop strings (shared by the server and chat) ----------------
+class TextStream:
+    """Token ids in, text deltas out: holds back incomplete UTF-8 and possible stop-string prefixes."""
+
+    def __init__(self, tokenizer, stops=(), prompt_tail: list[int] | None = None):
+        self.tok = tokenizer
+        self.stops = [s for s in stops if s]
+        self.ids = list(prompt_tail or [])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""  # all generated text so far
+        self.emitted = 0
+        self.stopped = False
+
+    def _decode_delta(self) -> str:
+        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self.tok.decode(self.ids[self.prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return full[len(prefix):]
+        return ""
+
+    def add(self, token_id: int) -> str:
+        """Feed one token; returns the text now safe to emit. Sets `stopped` on a stop string."""
+        self.ids.append(int(token_id))
+        self.text += self._decode_delta()
+        if self.stops:
+            start = max(0, self.emitted - max(len(s) for s in self.stops))
+            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+            if hits:
+                end = min(hits)
+                self.text = self.text[:end]
+                self.stopped = True
+                return self._emit(end)
+            hold = 0
+            for s in self.stops:
+                for n in range(min(len(s) - 1, len(self.text)), 0, -1):
+                    if self.text.endswith(s[:n]):
+                        hold = max(hold, n)
+                        break
+            return self._emit(len(self.text) - hold)
+        return self._emit(len(self.text))
+
+    def flush(self) -> str:
+        """At the end: whatever was held back (a partial stop string, or dangling bytes)."""
+        if not self.stopped:
+            full = self.tok.decode(self.ids[self.prefix_offset:])
+            prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
+            if len(full) > len(prefix):
+                self.text += full[len(prefix):]
+                self.prefix_offset = self.read_offset = len(self.ids)
+        return self._emit(len(self.text))
+
+    def _emit(self, upto: int) -> str:
+        upto = max(upto, self.emitted)
+        delta = self.text[self.emitted:upto]
+        self.emitted = upto
+        return delta
+
+
+# ---- tokenizer loading --------------------------------------------------------------------------
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class _FallbackTokenizer:
+    """tokenizer.json (+ tokenizer_config.json) through `tokenizers`, until smedjan.tokenizer exists."""
+
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer as _Tok
+
+        self._tok = _Tok.from_file(str(folder / "tokenizer.json"))
+        conf = {}
+        if (folder / "tokenizer_config.json").is_file():
+            conf = json.loads((folder / "tokenizer_config.json").read_text())
+        self.chat_template = conf.get("chat_template")
+        if (folder / "chat_template.jinja").is_file():
+            self.chat_template = (folder / "chat_template.jinja").read_text()
+        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
+            self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"),
+                                      self.chat_template[0]["template"])
+
+        def special(name):
+            v = conf.get(name)
+            if isinstance(v, dict):
+                v = v.get("content")
+            return v
+
+        self.bos_token, self.eos_token = special("bos_token"), special("eos_token")
+        self.bos_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+        self.eos_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        return render_chat_template(self.chat_template or DEFAULT_CHAT_TEMPLATE, messages, add_generation_prompt,
+                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+
+def render_chat_template(template: str, messages, add_generation_prompt=True, **extra) -> str:
+    """transformers-style rendering: sandboxed jinja2, trim/lstrip blocks, raise_exception, tojson."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent,
+                                                                                  ensure_ascii=ensure_ascii)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            **extra)
+
+
+def load_tokenizer(folder):
+    """The shared smedjan.tokenizer.Tokenizer if present, else a tokenizers-backed fallback."""
+    folder = Path(folder)
+    try:
+        from smedjan.tokenizer import Tokenizer
+    except ImportError:
+        Tokenizer = None
+    if Tokenizer is not None and hasattr(Tokenizer, "from_dir"):
+        return Tokenizer.from_dir(folder)
+    if not (folder / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{folder}: no tokenizer.json")
+    return _FallbackTokenizer(folder)
+
+
+def stop_ids_for(folder, cfg: ModelConfig, tokenizer) -> list[int]:
+    """End-of-sequence ids: config.json, generation_config.json and the tokenizer's eos, merged."""
+    ids = set(_eos_list(cfg.eos_token_id))
+    gen = Path(folder) / "generation_config.json"
+    if gen.is_file():
+        try:
+            ids.update(_eos_list(json.loads(gen.read_text()).get("eos_token_id")))
+        except (json.JSONDecodeError, TypeError, ValueError):
+            pass
+    if tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None:
+        ids.add(int(tokenizer.eos_id))
+    return sorted(i for i in ids if 0 <= i < cfg.vocab_size)
+
+
+def load_model(model: str, dtype=None):
+    """(folder, cfg, params, tokenizer) for a checkpoint folder or hub id."""
+    from smedjan.checkpoint import load_hf, resolve_path
+
+    folder = resolve_path(model)
+    cfg, params = load_hf(folder, dtype=dtype)
+    tokenizer = load_tokenizer(folder)
+    return folder, cfg, params, tokenizer
+
+
+# ---- `smedjan generate` ----------------------------------------------------------------------------
+def add_sampling_args(p):
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
+
+
+def default_dtype(name: str | None):
+    if name:
+        return jnp.dtype(name)
+    return jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
+
+
+def _cmd_generate(args):
+    from smedjan.checkpoint import CheckpointError
+    from smedjan.cli import UserError
+
+    try:
+        folder, cfg, params, tok = load_model(args.model, dtype=default_dtype(args.dtype))
+    except (CheckpointError, FileNotFoundError, OSError) as e:
+        raise UserError(str(e)) from None
+    if args.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        ids = tok.encode(text, add_bos=False)
+    else:
+        ids = tok.encode(args.prompt, add_bos=not args.no_bos)
+    if not ids:
+        raise UserError("the prompt encodes to no tokens")
+    room = cfg.max_position_embeddings - len(ids)
+    if room < 1:
+        raise UserError(f"the prompt has {len(ids)} tokens; the model's context is {cfg.max_position_embeddings}")
+    try:
+        out = generate(params, cfg, [ids], max_new_tokens=min(args.max_new_tokens, room),
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                       repetition_penalty=args.repetition_penalty, seed=args.seed,
+                       eos_id=stop_ids_for(folder, cfg, tok), stop_strings=args.stop or None, tokenizer=tok)[0]
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    text = tok.decode(out)
+    if args.stop:
+        for s in args.stop:
+            if s in text:
+                text = text[:text.index(s)]
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def register(subparsers):
+    p = subparsers.add_parser("generate", help="generate text from a checkpoint",
+                              description="Complete a prompt with a checkpoint folder (smedjan or Hugging Face).")
+    p.add_argument("model", help="checkpoint folder or hub repo id")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    add_sampling_args(p)
+    p.set_defaults(func=_cmd_generate)
