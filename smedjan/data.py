@@ -185,7 +185,8 @@ def prepare(inputs, tokenizer_dir, output, *, val_fraction: float = 0.05, text_f
     (output / HEADER).unlink(missing_ok=True)  # a half-written folder must not look valid
     files = {s: open(output / f"{s}.bin.tmp", "wb") for s in ("train", "val")}
     counts = {s: {"documents": 0, "tokens": 0} for s in ("train", "val")}
-    bar = tqdm(total=count_input_bytes(paths), desc="tokenising", unit="B", unit_scale=True,
+    total = count_input_bytes(paths)
+    bar = tqdm(total=total, desc="tokenising", unit="B" if total else " docs", unit_scale=bool(total),
                disable=not progress, dynamic_ncols=True)
     n_doc = 0
 

@@ -23,6 +23,7 @@ PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, IM_START, IM_END]
 BYTE_ALPHABET = 256
+TOKENIZER_FILES_COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 # ChatML, with bos first (tokenising the rendered text must not add a second one).
 DEFAULT_CHAT_TEMPLATE = (

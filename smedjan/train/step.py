@@ -29,7 +29,7 @@ from smedjan.model.transformer import forward, init_params, lm_head, param_shape
 from smedjan.train.loss import chunked_cross_entropy
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     """AdamW + schedule hyper-parameters (`make_optimizer` also takes a dict of these fields)."""
     lr: float = 3e-4

@@ -1,0 +1,441 @@
+"""The training run: data, model, step loop, validation, logging, checkpoints, export.
+
+Run folder::
+
+    run_config.json      the options of the run (for the record and for `export-hf`)
+    model_config.json    the model's HF config (resume reads the shape from here)
+    tokenizer/           a copy of the tokenizer files (exported with the model)
+    log.jsonl            one record per log interval and per validation
+    checkpoints/step_*/  TrainState + meta (data position, seed, ...), newest `keep` kept
+    hf/                  the final Hugging Face folder (config, safetensors, tokenizer)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+PEAK_FLOPS = {  # dense bf16 per device
+    "H100": 989e12,
+    "H200": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+}
+
+
+class TrainError(ValueError):
+    """Bad options for a run (printed as one line by the CLI)."""
+
+
+@dataclass
+class RunConfig:
+    dataset: str = ""
+    tokenizer: str = ""
+    out: str = "runs/run"
+    size: str = "small"
+    model_overrides: dict = field(default_factory=dict)
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float = 1.0
+    precision: str = "auto"       # bf16 | fp32 | auto (bf16 on accelerators, fp32 on CPU)
+    remat: str = "none"
+    attn_impl: str = "auto"
+    loss_chunk: int = 1024
+    eval_every: int = 200
+    eval_batches: int = 20
+    log_every: int = 10
+    save_every: int = 500
+    keep: int = 3
+    seed: int = 0
+    stream: bool = False
+    mesh: str | None = None
+    distributed: bool = False
+    resume: bool = False
+    stop_after: int | None = None
+    peak_flops: float | None = None
+    samples: int = 0
+    sample_tokens: int = 120
+    sample_prompt: str = ""
+    progress: bool = True
+    export: bool = True
+
+    def optim(self):
+        from smedjan.train.step import OptimConfig
+
+        return OptimConfig(lr=self.lr, min_lr_ratio=self.min_lr_ratio, warmup_steps=self.warmup_steps,
+                           total_steps=self.steps, schedule=self.schedule, decay_fraction=self.decay_fraction,
+                           weight_decay=self.weight_decay, b1=self.b1, b2=self.b2, clip_norm=self.clip_norm)
+
+
+def peak_flops_per_device(device) -> float | None:
+    kind = getattr(device, "device_kind", "") or ""
+    for name, value in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return value
+    return None
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def build_model_config(rc: RunConfig, tokenizer):
+    """The run's ModelConfig: preset/config + overrides; vocab = tokenizer's rounded up to 64."""
+    from smedjan.config import ConfigError, resolve_config
+
+    overrides = dict(rc.model_overrides)
+    overrides.setdefault("vocab_size", round_up(tokenizer.vocab_size, 64))
+    overrides.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    try:
+        cfg = resolve_config(rc.size, **overrides)
+    except (ConfigError, TypeError) as e:
+        raise TrainError(str(e)) from None
+    return cfg
+
+
+def check_model_fits(cfg, tokenizer, seq_len: int) -> None:
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise TrainError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                         f"{cfg.vocab_size}; use --vocab-size >= {tokenizer.vocab_size} (or leave it unset)")
+    if seq_len > cfg.max_position_embeddings:
+        raise TrainError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings}; raise it with --max-seq-len")
+
+
+@lru_cache(maxsize=8)
+def _compiled_steps(model_cfg, optim_cfg, attn_impl, remat, compute_dtype, grad_accum, loss_chunk, mesh):
+    """One jitted train/eval step per configuration per process (re-used by repeated runs/tests)."""
+    from smedjan.train.step import make_eval_step, make_optimizer, make_train_step
+
+    optimizer = make_optimizer(optim_cfg)
+    step = make_train_step(model_cfg, optimizer, attn_impl=attn_impl, remat=remat, compute_dtype=compute_dtype,
+                           grad_accum=grad_accum, loss_chunk=loss_chunk, mesh=mesh)
+    ev = make_eval_step(model_cfg, attn_impl=attn_impl, compute_dtype=compute_dtype, loss_chunk=loss_chunk,
+                        mesh=mesh)
+    return optimizer, step, ev
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (a second Ctrl-C aborts)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
+              f"(Ctrl-C again to abort)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class _Logger:
+    def __init__(self, path: Path, enabled: bool):
+        self.enabled = enabled
+        self.f = open(path, "a") if enabled else None
+        self.tb = None
+        if enabled:
+            try:
+                from tensorboardX import SummaryWriter  # only if it happens to be installed
+            except ImportError:
+                try:
+                    import tensorboard  # noqa: F401
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    SummaryWriter = None
+            if SummaryWriter is not None:
+                try:
+                    self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+                except Exception:
+                    self.tb = None
+
+    def log(self, record: dict):
+        if not self.enabled:
+            return
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and v is not None:
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self):
+        if self.f:
+            self.f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def evaluate(eval_step, params, batches, put) -> float:
+    total, count = 0.0, 0
+    for b in batches:
+        s, n = eval_step(params, {k: put(v) for k, v in b.items()})
+        total += float(s)
+        count += int(n)
+    return total / max(count, 1)
+
+
+def train(rc: RunConfig) -> dict:
+    """Run (or resume) a training run; returns a summary dict (final step, losses, paths)."""
+    import jax
+    import jax.numpy as jnp
+
+    from smedjan.config import ModelConfig
+    from smedjan.data import DataError, TokenDataset
+    from smedjan.sharding import (ShardingError, batch_divisor, batch_sharding, initialize_distributed, make_mesh,
+                                  process_rows, put_batch)
+    from smedjan.tokenizer import TOKENIZER_FILES_COPIED, Tokenizer
+    from smedjan.train import checkpointing as ck
+    from smedjan.train.loader import Prefetcher, WindowSampler, eval_batches
+    from smedjan.train.step import TrainState, _init_fn
+
+    if rc.distributed:
+        initialize_distributed()
+    main = jax.process_index() == 0
+    out = Path(rc.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # ---- data & tokenizer ----
+    ds = TokenDataset(rc.dataset)
+    ds.check_tokenizer(rc.tokenizer)
+    tokenizer = Tokenizer.from_dir(rc.tokenizer)
+    tok_copy = out / "tokenizer"
+    if main and Path(rc.tokenizer).resolve() != tok_copy.resolve():
+        tok_copy.mkdir(exist_ok=True)
+        for name in TOKENIZER_FILES_COPIED:
+            if (Path(rc.tokenizer) / name).is_file():
+                shutil.copy2(Path(rc.tokenizer) / name, tok_copy / name)
+
+    # ---- model ----
+    latest = ck.latest_checkpoint(out) if rc.resume else None
+    if rc.resume and latest is None:
+        print(f"--resume: no checkpoint in {out}/checkpoints, starting from scratch", file=sys.stderr)
+    if latest is not None and (out / "model_config.json").is_file():
+        model_cfg = ModelConfig.from_json_file(out / "model_config.json")
+    else:
+        model_cfg = build_model_config(rc, tokenizer)
+    check_model_fits(model_cfg, tokenizer, rc.seq_len)
+    if main:
+        (out / "model_config.json").write_text(json.dumps(model_cfg.to_hf_dict(), indent=2))
+        (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(rc), indent=2))
+
+    # ---- mesh & step ----
+    try:
+        mesh = make_mesh(rc.mesh)
+    except ShardingError as e:
+        raise TrainError(str(e)) from None
+    div = batch_divisor(mesh)
+    if rc.batch_size % rc.grad_accum or (rc.batch_size // rc.grad_accum) % div:
+        raise TrainError(f"--batch-size {rc.batch_size} must divide by --grad-accum {rc.grad_accum} and each "
+                         f"micro-batch ({rc.batch_size}/{rc.grad_accum}) by data·fsdp = {div}")
+    if rc.precision not in ("auto", "bf16", "fp32"):
+        raise TrainError(f"--precision must be bf16, fp32 or auto, got {rc.precision!r}")
+    precision = rc.precision
+    if precision == "auto":
+        precision = "fp32" if jax.default_backend() == "cpu" else "bf16"
+    compute_dtype = jnp.bfloat16 if precision == "bf16" else None
+    optim_cfg = rc.optim()
+    optimizer, train_step, eval_step = _compiled_steps(model_cfg, optim_cfg, rc.attn_impl, rc.remat,
+                                                       compute_dtype, rc.grad_accum, rc.loss_chunk, mesh)
+    from smedjan.train.step import state_shardings
+
+    st_sh = state_shardings(model_cfg, optimizer, mesh)
+    b_sh = batch_sharding(mesh)
+
+    # ---- state ----
+    start = 0
+    if latest is not None:
+        template = jax.eval_shape(_init_fn(model_cfg, optimizer, jnp.float32), jax.random.key(rc.seed))
+        try:
+            state, meta = ck.load_checkpoint(latest, template, st_sh)
+        except ck.CheckpointError as e:
+            raise TrainError(str(e)) from None
+        start = int(meta["step"])
+        if meta.get("dataset_tokenizer_sha256") not in (None, ds.tokenizer_hash):
+            raise TrainError(f"{latest} was trained on data from another tokenizer than {rc.dataset}")
+        if meta.get("seed", rc.seed) != rc.seed:
+            print(f"--resume: the checkpoint used --seed {meta['seed']}, continuing with it", file=sys.stderr)
+            rc.seed = int(meta["seed"])
+        if main:
+            print(f"resumed from {latest} (step {start}, data position {meta['data_position']})")
+    else:
+        from smedjan.train.step import init_train_state
+
+        state = init_train_state(model_cfg, jax.random.key(rc.seed), optimizer, mesh=mesh)
+
+    # ---- data pipeline ----
+    try:
+        sampler = WindowSampler(ds.tokens("train", stream=rc.stream), rc.batch_size, rc.seq_len, rc.seed,
+                                rows=process_rows(rc.batch_size))
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    val = eval_batches(ds.tokens("val", stream=rc.stream), rc.batch_size, rc.seq_len, rc.eval_batches)
+    put = lambda a: put_batch(a, b_sh)  # noqa: E731
+    schedule = __import__("smedjan.train.step", fromlist=["make_schedule"]).make_schedule(optim_cfg)
+
+    n_dev = jax.device_count()
+    peak = rc.peak_flops or (peak_flops_per_device(jax.devices()[0]) or 0) * n_dev or None
+    flops_per_step = model_cfg.flops_per_token(rc.seq_len) * rc.batch_size * rc.seq_len
+    logger = _Logger(out / "log.jsonl", main)
+    summary = {"run_dir": str(out), "start_step": start, "params": model_cfg.num_params(), "precision": precision,
+               "mesh": dict(mesh.shape)}
+
+    def meta_for(step):
+        return {"step": step, "data_position": step, "seed": rc.seed, "sampler": "window-v1",
+                "dataset": str(Path(rc.dataset).resolve()), "dataset_tokenizer_sha256": ds.tokenizer_hash,
+                "batch_size": rc.batch_size, "seq_len": rc.seq_len, "model_config": model_cfg.to_hf_dict(),
+                "run_config": dataclasses.asdict(rc), "time": time.time()}
+
+    def save(step):
+        path = ck.save_checkpoint(out, state, meta_for(step), keep=rc.keep)
+        return path
+
+    def run_eval(step):
+        if not val:
+            return None
+        vl = evaluate(eval_step, state.params, val, put)
+        rec = {"step": step, "val_loss": vl, "val_ppl": math.exp(min(vl, 50))}
+        logger.log(rec)
+        summary["val_loss"], summary["val_ppl"] = vl, rec["val_ppl"]
+        return vl
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=rc.steps, initial=start, desc="train", disable=not (rc.progress and main), dynamic_ncols=True)
+    if main:
+        print(f"model {model_cfg.num_params() / 1e6:.2f}M params, vocab {model_cfg.vocab_size}, {precision}, "
+              f"mesh {dict(mesh.shape)}, {ds.num_tokens('train'):,} train tokens; "
+              f"{rc.batch_size}x{rc.seq_len} tokens/step", file=sys.stderr)
+    prefetch = Prefetcher(lambda i: {"tokens": sampler.batch(i)}, put, start)
+    pending: list[tuple[int, dict]] = []
+    step = start
+    stopped = False
+    t_last, step_last = time.time(), start
+    t0 = time.time()
+    try:
+        with _StopFlag() as stop, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
+            while step < rc.steps:
+                idx, batch = prefetch.next()
+                assert idx == step, (idx, step)
+                state, metrics = train_step(state, batch)
+                step += 1
+                pending.append((step, metrics))
+                done_now = step - start
+                last = step == rc.steps
+                stop_now = stop.requested or (rc.stop_after is not None and done_now >= rc.stop_after)
+                if step % rc.log_every == 0 or last or stop_now:
+                    fetched = jax.device_get([m for _, m in pending])  # the only host sync of the loop
+                    now = time.time()
+                    dt = max(now - t_last, 1e-9)
+                    tps = (step - step_last) * rc.batch_size * rc.seq_len / dt
+                    loss = float(np.mean([f["loss"] for f in fetched]))
+                    rec = {"step": step, "loss": loss, "lr": float(schedule(step - 1)),
+                           "grad_norm": float(fetched[-1]["grad_norm"]), "tokens_per_s": tps,
+                           "mfu": (flops_per_step * (step - step_last) / dt / peak) if peak else None,
+                           "elapsed_s": now - t0}
+                    logger.log(rec)
+                    summary["loss"] = loss
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}",
+                                    mfu=f"{rec['mfu']:.1%}" if rec["mfu"] is not None else "n/a")
+                    bar.update(step - bar.n)
+                    pending.clear()
+                    t_last, step_last = time.time(), step
+                if rc.eval_every and step % rc.eval_every == 0 and not last:
+                    vl = run_eval(step)
+                    if vl is not None:
+                        bar.write(f"step {step}: val loss {vl:.4f}, ppl {math.exp(min(vl, 50)):.2f}")
+                    t_last = time.time()
+                if rc.save_every and step % rc.save_every == 0 and not last:
+                    save(step)
+                    t_last = time.time()
+                if stop_now and not last:
+                    stopped = True
+                    break
+    finally:
+        prefetch.close()
+        bar.close()
+
+    summary["step"] = step
+    summary["wall_s"] = time.time() - t0
+    if stopped:
+        path = save(step)
+        logger.close()
+        if main:
+            print(f"stopped at step {step}; checkpoint {path}; continue with the same command plus --resume")
+        summary["stopped"] = True
+        summary["checkpoint"] = str(path)
+        return summary
+
+    vl = run_eval(step)
+    path = save(step)
+    summary["checkpoint"] = str(path)
+    if main and vl is not None:
+        print(f"step {step}: val loss {vl:.4f}, perplexity {math.exp(min(vl, 50)):.2f}")
+    if rc.export and main:
+        from smedjan.checkpoint import save_hf
+
+        hf = save_hf(out / "hf", model_cfg, jax.device_get(state.params), tokenizer_dir=tok_copy)
+        summary["hf_dir"] = str(hf)
+        print(f"saved Hugging Face folder {hf}")
+    if rc.samples and main:
+        summary["samples"] = print_samples(state.params, model_cfg, tokenizer, rc)
+    logger.close()
+    return summary
+
+
+def print_samples(params, model_cfg, tokenizer, rc: RunConfig) -> list[str]:
+    """A few sampled continuations (smedjan.generate's KV-cache decoder, else a plain loop)."""
+    import jax
+
+    prompts = [rc.sample_prompt] if rc.sample_prompt else ["", "ROMEO:", "First Citizen:\n"]
+    prompts = (prompts * rc.samples)[:rc.samples]
+    ids = [tokenizer.encode(p, add_bos=True) for p in prompts]
+    params = jax.device_get(params)
+    try:
+        from smedjan.generate import generate
+    except ImportError:
+        print("smedjan.generate is not available in this checkout: no samples", file=sys.stderr)
+        return []
+    outs = generate(params, model_cfg, ids, max_new_tokens=rc.sample_tokens, temperature=0.8, top_k=50,
+                    seed=rc.seed, eos_id=tokenizer.stop_ids)
+    texts = []
+    for p, o in zip(prompts, outs):
+        text = p + tokenizer.decode(o, skip_special_tokens=True)
+        texts.append(text)
+        print(f"--- sample ---\n{text}\n")
+    return texts
