@@ -1,0 +1,160 @@
+"""`smedjan serve` (OpenAI-compatible HTTP server) and `smedjan chat` (terminal chat)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+
+def _load(args):
+    from smedjan.checkpoint import CheckpointError
+    from smedjan.cli import UserError
+    from smedjan.generate import default_dtype, load_model, stop_ids_for
+
+    try:
+        folder, cfg, params, tok = load_model(args.model, dtype=default_dtype(args.dtype))
+    except (CheckpointError, FileNotFoundError, OSError) as e:
+        raise UserError(str(e)) from None
+    if tok.vocab_size > cfg.vocab_size:
+        print(f"warning: tokenizer has {tok.vocab_size} tokens, the model {cfg.vocab_size}", file=sys.stderr)
+    max_seq_len = args.max_seq_len or cfg.max_position_embeddings
+    if max_seq_len < 2:
+        raise UserError("--max-seq-len must be at least 2")
+    return folder, cfg, params, tok, max_seq_len, stop_ids_for(folder, cfg, tok)
+
+
+def _engine(args, cfg, params, tok, max_seq_len, stops, max_batch):
+    from smedjan.serve.engine import Engine
+
+    return Engine(params, cfg, tok, max_batch=max_batch, max_seq_len=max_seq_len, max_queue=args.max_queue,
+                  attn_impl=args.attn_impl, stop_token_ids=stops)
+
+
+def _warmup(engine, tok):
+    """Compile the prefill and decode steps for short prompts before the first request."""
+    from smedjan.generate import SamplingParams
+
+    t = time.perf_counter()
+    ids = tok.encode("Hello", add_bos=True) or [0]
+    engine.submit(ids, SamplingParams(max_new_tokens=2, ignore_eos=True)).result()
+    return time.perf_counter() - t
+
+
+def _cmd_serve(args):
+    from smedjan.cli import UserError
+
+    try:
+        import uvicorn
+
+        from smedjan.serve.app import create_app
+    except ImportError as e:
+        raise UserError(f"serving needs fastapi and uvicorn ({e})") from None
+    if args.max_batch < 1:
+        raise UserError("--max-batch must be at least 1")
+    folder, cfg, params, tok, max_seq_len, stops = _load(args)
+    engine = _engine(args, cfg, params, tok, max_seq_len, stops, args.max_batch).start()
+    name = args.model_name or Path(str(args.model).rstrip("/")).name
+    if not args.no_warmup:
+        print(f"compiling... ", end="", file=sys.stderr, flush=True)
+        print(f"{_warmup(engine, tok):.1f}s", file=sys.stderr)
+    app = create_app(engine, tok, name, api_key=args.api_key)
+    print(f"serving {name} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
+          f"context {max_seq_len})", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def _cmd_chat(args):
+    from smedjan.generate import SamplingParams
+
+    folder, cfg, params, tok, max_seq_len, stops = _load(args)
+    engine = _engine(args, cfg, params, tok, max_seq_len, stops, 1).start()
+    interactive = sys.stdin.isatty()
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    out = sys.stdout
+    if interactive:
+        print("smedjan chat: /exit to quit, /reset to clear the conversation", file=sys.stderr)
+    try:
+        while True:
+            if interactive:
+                out.write("> ")
+                out.flush()
+            line = sys.stdin.readline()
+            if not line:  # EOF
+                break
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if line.strip() in ("/exit", "/quit"):
+                break
+            if line.strip() == "/reset":
+                history = history[:1] if args.system else []
+                continue
+            history.append({"role": "user", "content": line})
+            ids = tok.encode(tok.apply_chat_template(history, add_generation_prompt=True), add_bos=False)
+            start = 1 if history[0]["role"] == "system" else 0
+            while len(ids) >= max_seq_len and len(history) - start > 2:  # forget the oldest exchange
+                del history[start:start + 2]
+                ids = tok.encode(tok.apply_chat_template(history, add_generation_prompt=True), add_bos=False)
+            if len(ids) >= max_seq_len:
+                print("(message too long for the context; try /reset)", file=sys.stderr)
+                history.pop()
+                continue
+            params = SamplingParams(max_new_tokens=min(args.max_new_tokens, max_seq_len - len(ids)),
+                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                    min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+            if not interactive:
+                out.write("assistant: ")
+            reply = []
+            req = engine.submit(ids, params)
+            try:
+                for ev in req:
+                    if ev.error:
+                        print(f"\n(error: {ev.error})", file=sys.stderr)
+                        break
+                    reply.append(ev.text)
+                    out.write(ev.text)
+                    out.flush()
+            except KeyboardInterrupt:
+                req.cancel()
+            out.write("\n")
+            out.flush()
+            history.append({"role": "assistant", "content": "".join(reply)})
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def _common_args(p):
+    from smedjan.generate import add_sampling_args
+
+    p.add_argument("model", help="checkpoint folder or hub repo id")
+    p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length per sequence (default: the "
+                   "model's max_position_embeddings)")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429s")
+    p.add_argument("--attn-impl", default="xla", choices=["xla", "pallas"],
+                   help="decode attention: xla, or the pallas kernel (GPU)")
+    add_sampling_args(p)
+
+
+def register(subparsers):
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
+                              description="Serve a checkpoint over /v1/completions and /v1/chat/completions.")
+    _common_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=64, help="concurrent sequences (KV cache slots)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--model-name", default=None, help="model id clients use (default: the folder name)")
+    p.add_argument("--no-warmup", action="store_true")
+    p.add_argument("--log-level", default="warning")
+    p.set_defaults(func=_cmd_serve)
+
+    c = subparsers.add_parser("chat", help="interactive chat in the terminal (streams; stdin may be piped)")
+    _common_args(c)
+    c.add_argument("--system", default=None, help="system prompt")
+    c.set_defaults(func=_cmd_chat, temperature=0.7, max_new_tokens=256)

@@ -1,0 +1,307 @@
+"""Continuous batching: a background thread drives the jitted prefill/decode steps.
+
+The KV cache has `max_batch` slots of `max_seq_len` positions. Every iteration the
+scheduler
+
+1. admits waiting requests into free slots (one prefill each, prompt padded to a
+   power-of-two bucket; while others are decoding at most `max_prefills_per_step`
+   per iteration, so running streams keep flowing),
+2. frees the slots of cancelled requests (client gone),
+3. runs ONE decode step for every occupied slot, and hands each request its token.
+
+So requests join and leave the running batch at every step. Tokens reach callers
+through a per-request sink (a callable; the default one feeds a thread-safe queue,
+the HTTP server's feeds an asyncio queue via call_soon_threadsafe). The waiting
+queue is bounded: `submit` raises QueueFull when it is full (HTTP 429).
+
+No FastAPI here: the benchmark and `smedjan chat` use the engine directly.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import queue
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+import jax
+import numpy as np
+
+from smedjan.config import ModelConfig
+from smedjan.generate import MAX_TOP_LOGPROBS, MIN_BUCKET, Runner, SamplingParams, TextStream
+
+log = logging.getLogger("smedjan.serve")
+
+
+class QueueFull(Exception):
+    """The waiting queue is at capacity."""
+
+
+class EngineClosed(Exception):
+    """The engine is shut down."""
+
+
+@dataclass
+class TokenEvent:
+    """What a request receives after each step: new tokens, the text they add, maybe the end."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[dict] = field(default_factory=list)  # per token {"id", "logprob", "top": [(id, lp), ...]}
+    finish_reason: str | None = None  # "stop" | "length" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class Request:
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, sink=None):
+        self.id = next(self._ids)
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.queue: queue.Queue | None = None
+        if sink is None:
+            self.queue = queue.Queue()
+            sink = self.queue.put
+        self.sink = sink
+        self.cancelled = threading.Event()
+        self.finished = threading.Event()
+        self.output_ids: list[int] = []
+        self.n_generated = 0
+        self.max_new = params.max_new_tokens
+        self.stream: TextStream | None = None
+        self.slot: int | None = None
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+
+    def cancel(self):
+        """Stop generating (e.g. the client disconnected); the slot is freed at the next step."""
+        self.cancelled.set()
+
+    def __iter__(self):
+        """Blocking iteration over events (default queue sink only)."""
+        if self.queue is None:
+            raise TypeError("this request was submitted with a custom sink")
+        while True:
+            ev = self.queue.get()
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+    def result(self) -> tuple[list[int], str, str]:
+        """Block until done: (token ids, text, finish_reason)."""
+        ids, text, reason = [], [], None
+        for ev in self:
+            ids += ev.token_ids
+            text.append(ev.text)
+            reason = ev.finish_reason
+            if ev.error:
+                raise RuntimeError(ev.error)
+        return ids, "".join(text), reason
+
+
+class Engine:
+    def __init__(self, params: dict, cfg: ModelConfig, tokenizer=None, *, max_batch: int = 64,
+                 max_seq_len: int | None = None, max_queue: int = 256, dtype=None, attn_impl: str = "xla",
+                 stop_token_ids=(), max_prefills_per_step: int = 4, min_kv_bucket: int = MIN_BUCKET,
+                 cache_dtype=None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.max_seq_len = int(max_seq_len or cfg.max_position_embeddings)
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
+        self.max_prefills_per_step = max_prefills_per_step
+        self.runner = Runner(params, cfg, max_batch, self.max_seq_len, dtype=dtype, attn_impl=attn_impl,
+                             cache_dtype=cache_dtype, min_kv_bucket=min_kv_bucket)
+        self.slots: list[Request | None] = [None] * max_batch
+        self._pending: collections.deque[Request] = collections.deque()
+        self._cv = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.tokens_generated = 0
+
+    # ---- public API -------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="smedjan-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0):
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    @property
+    def num_active(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    @property
+    def num_queued(self) -> int:
+        return len(self._pending)
+
+    def check_prompt(self, n_prompt: int, max_new_tokens: int | None) -> None:
+        """ValueError(param, message) when a request cannot fit the context."""
+        if n_prompt < 1:
+            raise ValueError("prompt", "the prompt is empty")
+        if n_prompt >= self.max_seq_len:
+            raise ValueError("prompt", f"This model's maximum context length is {self.max_seq_len} tokens. "
+                             f"However, your prompt has {n_prompt} tokens.")
+        if max_new_tokens is not None and n_prompt + max_new_tokens > self.max_seq_len:
+            raise ValueError("max_tokens", f"This model's maximum context length is {self.max_seq_len} tokens. "
+                             f"However, you requested {n_prompt + max_new_tokens} tokens ({n_prompt} in the "
+                             f"prompt, {max_new_tokens} for the completion). Please reduce the prompt or "
+                             f"max_tokens.")
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams | None = None, sink=None) -> Request:
+        params = (params or SamplingParams()).validate()
+        self.check_prompt(len(prompt_ids), None)
+        if any(not 0 <= int(t) < self.cfg.vocab_size for t in prompt_ids):
+            raise ValueError("prompt", f"token ids must be in [0, {self.cfg.vocab_size})")
+        req = Request(prompt_ids, params, sink)
+        req.max_new = min(params.max_new_tokens, self.max_seq_len - len(prompt_ids))
+        if self.tokenizer is not None:
+            req.stream = TextStream(self.tokenizer, params.stop, prompt_tail=req.prompt_ids[-6:])
+        with self._cv:
+            if self._closing:
+                raise EngineClosed("the engine is shut down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
+            self._pending.append(req)
+            self._cv.notify_all()
+        return req
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> list[int]:
+        return self.submit(prompt_ids, params).result()[0]
+
+    # ---- the scheduler thread ------------------------------------------------------------
+    def _loop(self):
+        while True:
+            with self._cv:
+                while not self._closing and not self._pending and self.num_active == 0:
+                    self._cv.wait()
+                if self._closing:
+                    break
+                free = [i for i, r in enumerate(self.slots) if r is None]
+                budget = self.max_prefills_per_step if self.num_active else len(free)
+                admits = []
+                while self._pending and free and len(admits) < budget:
+                    r = self._pending.popleft()
+                    if r.cancelled.is_set():
+                        r.finished.set()
+                        continue
+                    admits.append((free.pop(0), r))
+            try:
+                for slot, r in admits:
+                    self._prefill(slot, r)
+                self._reap_cancelled()
+                if self.num_active:
+                    self._decode()
+            except Exception as e:  # never let one bad step kill the server
+                log.exception("engine step failed; failing the running requests and resetting the cache")
+                for i, r in enumerate(self.slots):
+                    if r is not None:
+                        self._finish(r, "error", error=f"generation failed: {type(e).__name__}: {e}")
+                for slot, r in admits:
+                    if not r.finished.is_set():
+                        self._finish(r, "error", error=f"generation failed: {type(e).__name__}: {e}")
+                self.runner.reset()
+        # Shutdown: whoever is still waiting gets an error event.
+        for r in list(self._pending) + [r for r in self.slots if r is not None]:
+            self._finish(r, "error", error="the server is shutting down")
+        self._pending.clear()
+
+    def _top_n(self) -> int:
+        return MAX_TOP_LOGPROBS if any(r is not None and r.params.top_logprobs for r in self.slots) else 0
+
+    def _prefill(self, slot: int, r: Request):
+        seed = r.params.seed if r.params.seed is not None else secrets.randbits(32)
+        top_n = MAX_TOP_LOGPROBS if r.params.top_logprobs else 0
+        self.slots[slot] = r
+        r.slot = slot
+        out = self.runner.prefill([slot], [r.prompt_ids], [r.params.row(seed)], top_n=top_n)
+        out = jax.device_get(out)
+        self._on_token(slot, 0, out)
+
+    def _reap_cancelled(self):
+        for i, r in enumerate(self.slots):
+            if r is not None and r.cancelled.is_set():
+                self._finish(r, "cancelled")
+
+    def _decode(self):
+        active = np.array([r is not None for r in self.slots])
+        out = jax.device_get(self.runner.step(active, top_n=self._top_n()))
+        self.steps += 1
+        for i in np.nonzero(active)[0]:
+            self._on_token(int(i), int(i), out)
+
+    def _on_token(self, slot: int, row: int, out: dict):
+        r = self.slots[slot]
+        tok = int(out["tok"][row])
+        r.n_generated += 1
+        self.tokens_generated += 1
+        if r.first_token_at is None:
+            r.first_token_at = time.perf_counter()
+        p = r.params
+        lp = []
+        if p.logprobs or p.top_logprobs:
+            entry = {"id": tok, "logprob": float(out["logprob"][row])}
+            if p.top_logprobs and "top_ids" in out:
+                entry["top"] = [(int(a), float(b)) for a, b in
+                                zip(out["top_ids"][row][:p.top_logprobs], out["top_logprobs"][row][:p.top_logprobs])]
+            lp = [entry]
+        if (tok in self.stop_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            text = r.stream.flush() if r.stream else ""
+            self._emit(r, TokenEvent([], text, []))
+            self._finish(r, "stop")
+            return
+        r.output_ids.append(tok)
+        text = r.stream.add(tok) if r.stream else ""
+        if r.stream is not None and r.stream.stopped:
+            self._emit(r, TokenEvent([tok], text, lp))
+            self._finish(r, "stop")
+            return
+        if r.n_generated >= r.max_new:
+            text += r.stream.flush() if r.stream else ""
+            self._emit(r, TokenEvent([tok], text, lp))
+            self._finish(r, "length")
+            return
+        self._emit(r, TokenEvent([tok], text, lp))
+
+    def _emit(self, r: Request, ev: TokenEvent):
+        if not ev.token_ids and not ev.text and ev.finish_reason is None:
+            return
+        try:
+            r.sink(ev)
+        except Exception:  # the consumer is gone (closed event loop...): stop generating for it
+            r.cancel()
+
+    def _finish(self, r: Request, reason: str, error: str | None = None):
+        if r.finished.is_set():
+            return
+        if r.slot is not None and self.slots[r.slot] is r:
+            self.slots[r.slot] = None
+        r.finished.set()
+        ev = TokenEvent([], "", [], finish_reason=reason, prompt_tokens=len(r.prompt_ids),
+                        completion_tokens=r.n_generated, error=error)
+        try:
+            r.sink(ev)
+        except Exception:
+            pass
