@@ -183,7 +183,7 @@ def bench_train(cfg, batch, seq_len, *, attn, remat, dtype, iters, repeats, warm
         return {"error": f"trainer not available ({e.name} missing)"}
     import jax.numpy as jnp
 
-    optimizer = train_step_mod.make_optimizer(**_optimizer_kwargs(train_step_mod))
+    optimizer = train_step_mod.make_optimizer(OPTIM)
     state = train_step_mod.init_train_state(cfg, jax.random.PRNGKey(seed), optimizer, param_dtype=jnp.float32)
     kw = dict(attn_impl=attn, remat=remat, compute_dtype=dtype, grad_accum=grad_accum, mesh=None)
     if loss_chunk is not None:
@@ -216,17 +216,12 @@ def _accepted(fn, kw: dict) -> dict:
     return {k: v for k, v in kw.items() if k in params}
 
 
-def _optimizer_kwargs(mod) -> dict:
-    return _accepted(mod.make_optimizer, {"lr": 3e-4, "learning_rate": 3e-4, "warmup_steps": 10,
-                                          "total_steps": 10_000, "weight_decay": 0.1})
+OPTIM = {"lr": 3e-4, "warmup_steps": 10, "total_steps": 10_000, "weight_decay": 0.1}  # AdamW, cosine
 
 
 def _make_batch(mod, tokens):
-    """Token rows of seq_len+1; the trainer's own batch builder when it has one."""
-    for name in ("make_batch", "batch_from_tokens"):
-        if hasattr(mod, name):
-            return getattr(mod, name)(tokens)
-    return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+    """The trainer's batch format: {"tokens": int32 [B, S+1]} (inputs/targets are its shifts)."""
+    return {"tokens": tokens}
 
 
 # ---- peer --------------------------------------------------------------------------------------
