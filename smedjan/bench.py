@@ -112,63 +112,70 @@ def bench_forward(cfg, batch, seq_len, *, attn, dtype, iters, repeats, warmup, p
     return _column(batch * seq_len, t, cfg.flops_per_token(seq_len) / 3, peak, times, mem)
 
 
-def _decode_step_fn(cfg, attn, dtype):
-    """The decode path: the engine's step if smedjan.generate exposes one, else forward+cache."""
-    import jax
-    import jax.numpy as jnp
-
-    from smedjan.model.transformer import forward
-
-    def step(params, cache, tok, pos):
-        logits, cache = forward(params, tok, cfg, positions=pos, cache=cache, attn_impl=attn,
-                                compute_dtype=dtype)
-        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
-        return nxt, cache, pos + 1
-
-    return jax.jit(step, donate_argnums=(1,)), "forward+init_cache (greedy argmax on device)"
-
-
 def bench_decode(cfg, seq_len, *, attn, dtype, repeats, warmup, peak, decode_tokens=None, seed=0):
+    """Batch-1 greedy decoding through the engine (`smedjan.generate`), prompt prefilled first.
+
+    Main number: `decode_loop`, the on-device loop `smedjan generate` runs (one dispatch for all
+    tokens). `per_step_tokens_per_s`: one jitted `decode_step` call per token through
+    `Runner.step`, the path the server's continuous-batching scheduler drives.
+    """
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
-    from smedjan.model.transformer import forward, init_cache, init_params
+    from smedjan import generate as gen
+    from smedjan.model.transformer import init_params
 
     n_new = decode_tokens or max(2, seq_len // 2)
     prompt_len = max(1, seq_len - n_new)
-    max_len = prompt_len + n_new
+    total = prompt_len + n_new + 1
+    max_len = gen.next_bucket(total, minimum=64)
     params = init_params(cfg, jax.random.PRNGKey(seed), dtype)
-    cache = init_cache(cfg, 1, max_len, dtype)
-    prompt = jax.random.randint(jax.random.PRNGKey(seed + 2), (1, prompt_len), 0, cfg.vocab_size, jnp.int32)
+    runner = gen.Runner(params, cfg, 1, max_len, dtype=dtype, attn_impl=attn)
+    del params
+    rng = np.random.default_rng(seed + 2)
+    row = gen.SamplingParams(max_new_tokens=n_new, temperature=0.0).row(0)
+    stop = jnp.asarray([-1], jnp.int32)
+    active = jnp.ones((1,), jnp.bool_)
+    kv_len = gen.next_bucket(total, max_len)
 
-    @partial(jax.jit, donate_argnums=(1,))
-    def prefill(params, cache, tokens):
-        pos = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-        logits, cache = forward(params, tokens, cfg, positions=pos, cache=cache, attn_impl=attn,
-                                compute_dtype=dtype)
-        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None], cache
+    def prefill():
+        first = runner.prefill([0], [rng.integers(0, cfg.vocab_size, prompt_len).tolist()], [row])
+        jax.block_until_ready((first, runner.state))
+        return first
 
-    step, path = _decode_step_fn(cfg, attn, dtype)
-    first, cache = prefill(params, cache, prompt)
-    start_pos = jnp.full((1, 1), prompt_len, jnp.int32)
-    state = {"cache": cache}
+    def loop_once():
+        first = prefill()
+        t0 = time.perf_counter()
+        runner.state, toks, *_ = gen.decode_loop(runner.w, runner.state, first, active, stop, cfg=cfg,
+                                                 n_steps=n_new, kv_len=kv_len, impl=attn)
+        jax.block_until_ready(toks)
+        return (time.perf_counter() - t0) / n_new
 
-    def chunk(n):
-        # Restart at the end of the prompt each chunk: slots past a query's position are masked,
-        # so the previous chunk's entries never leak in.
-        tok, pos, cache = first, start_pos, state["cache"]
-        for _ in range(n):
-            tok, cache, pos = step(params, cache, tok, pos)
-        state["cache"] = cache
-        return tok
+    def steps_once():
+        prefill()
+        act = np.ones((1,), bool)
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(n_new):
+            out = runner.step(act)
+        jax.block_until_ready((out, runner.state))
+        return (time.perf_counter() - t0) / n_new
 
-    t, times = _timed(chunk, n_new, repeats, 1 if warmup else 0)
+    if warmup:  # compiles prefill, decode_loop and every kv_len bucket of decode_step
+        loop_once()
+        steps_once()
+    times = [loop_once() for _ in range(repeats)]
+    step_times = [steps_once() for _ in range(repeats)]
+    t = statistics.median(times)
     mem = _peak_mem(jax.devices()[0])
     n = cfg.num_params() - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
     ctx = prompt_len + n_new / 2
     fpt = 2 * n + 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * ctx
-    del params, state
-    return _column(1, t, fpt, peak, times, mem, prompt_len=prompt_len, decode_tokens=n_new, path=path)
+    del runner
+    return _column(1, t, fpt, peak, times, mem, prompt_len=prompt_len, decode_tokens=n_new,
+                   path="smedjan.generate.decode_loop (on-device loop, greedy)",
+                   per_step_tokens_per_s=1.0 / statistics.median(step_times), per_step_times_s=step_times)
 
 
 def bench_train(cfg, batch, seq_len, *, attn, remat, dtype, iters, repeats, warmup, peak, loss_chunk=None,
@@ -238,7 +245,7 @@ def run_torch_peer(cfg, args) -> dict:
     modes = args.peer_modes
     cmd = [sys.executable, str(script), "--config-json", json.dumps(cfg.to_hf_dict()), "--batch", str(args.batch),
            "--seq-len", str(args.seq_len), "--iters", str(args.iters), "--repeats", str(args.repeats),
-           "--warmup", str(args.warmup), "--modes", modes, "--columns", ",".join(args.columns)]
+           "--warmup", str(args.warmup), "--modes", modes, "--columns", getattr(args, "peer_columns", None) or ",".join(args.columns)]
     if args.decode_tokens:
         cmd += ["--decode-tokens", str(args.decode_tokens)]
     env = dict(os.environ)
@@ -325,6 +332,12 @@ def format_table(out: dict) -> str:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         lines.append(f"{col:<9} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>10.3f} {r['tflops']:>9.2f} {mfu:>7} "
                      f"{_fmt_mem(r['peak_mem_bytes']):>11}")
+    dec = out["results"].get("decode", {})
+    if "per_step_tokens_per_s" in dec:
+        lines.append(f"decode: {dec['decode_tokens']} tokens after a {dec['prompt_len']}-token prompt, batch 1, via "
+                     f"{dec['path']}; one dispatch per token (server path): {dec['per_step_tokens_per_s']:,.0f} tok/s")
+    if out["results"].get("forward") or out["results"].get("train"):
+        lines.append("peak mem: process peak so far (columns run in order), from jax memory_stats")
     peer = out.get("peer")
     if peer is not None:
         if "error" in peer:
@@ -394,6 +407,7 @@ def add_bench_args(p) -> None:
     p.add_argument("--peer", choices=["none", "torch"], default="none",
                    help="also run PyTorch + transformers at the same shapes and print the ratio")
     p.add_argument("--peer-modes", default="eager,compile", help="peer modes: eager,compile")
+    p.add_argument("--peer-columns", default=None, help="peer columns (default: same as --columns)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--verbose", action="store_true")
     add_model_args(p)
