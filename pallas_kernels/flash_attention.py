@@ -425,11 +425,10 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ----------------------------------------------------------------------------
 def _default_blocks(D, S, T, interpret):
   """Tuned on H100 bf16 (see benchmarks/KERNEL_NOTES.md)."""
-  if D <= 64:
-    fwd = (128, 64, 4, 3)
-    bwd = (64, 64, 4, 2)
-  elif D <= 128:
-    fwd = (128, 64, 8, 3)
+  # (block_q, block_k, num_warps, num_stages).  D=128 values are the winners
+  # of the sweep at S=4096 (fwd 408 TF/s, fwd+bwd 338 TF/s); D=64 reuses them.
+  if D <= 128:
+    fwd = (128, 64, 4, 2)
     bwd = (64, 64, 4, 2)
   else:
     fwd = (64, 32, 4, 2)

@@ -71,7 +71,9 @@ def _mm_kernel(a_ref, b_ref, *rest, block_k, nk, has_scale):
 def _default_config(M, N, K, int8):
   """(block_m, block_n, block_k, num_warps, num_stages); H100-tuned."""
   if M <= 16:
-    return (16, 64, 256, 4, 4) if int8 else (16, 64, 256, 4, 4)
+    # Weight-bandwidth bound; sweep at 16x8192x8192: bf16 58 us (2.3 TB/s),
+    # int8 48 us (1.4 TB/s of int8 weight).
+    return (16, 64, 128, 4, 4) if int8 else (16, 64, 256, 4, 4)
   if M <= 64:
     return (64, 64, 128, 4, 4)
   return (128, 256, 64, 8, 3)

@@ -74,28 +74,27 @@ def _check(seed, B, S, Hq, Hkv, D, dtype, *, causal=True, window=None,
 # (name, kwargs) grid: causal/full, window, GQA/MQA, segments, ragged S,
 # D 64/128, fp32 + bf16.  Each case draws fresh inputs from its own seed.
 CASES = [
-    ("causal_mha_f32", dict(B=1, S=128, Hq=2, Hkv=2, D=64,
-                            dtype=jnp.float32)),
+    ("causal_mha_f32", dict(B=1, S=64, Hq=2, Hkv=2, D=64, dtype=jnp.float32,
+                            bq=16, bk=16)),
     ("full_gqa_ragged_f32", dict(B=2, S=100, Hq=4, Hkv=2, D=64,
                                  dtype=jnp.float32, causal=False, bq=64)),
-    ("causal_ragged_bf16", dict(B=1, S=100, Hq=2, Hkv=2, D=64,
-                                dtype=jnp.bfloat16, bk=64)),
-    ("window_mqa_f32", dict(B=1, S=128, Hq=4, Hkv=1, D=64, dtype=jnp.float32,
-                            window=40)),
-    ("window_ragged_bf16", dict(B=2, S=100, Hq=2, Hkv=1, D=64,
-                                dtype=jnp.bfloat16, window=17, bq=64)),
-    ("segments_causal_gqa_f32", dict(B=2, S=96, Hq=4, Hkv=2, D=64,
-                                     dtype=jnp.float32, seg=True)),
-    ("segments_full_ragged_f32", dict(B=1, S=100, Hq=2, Hkv=2, D=64,
+    ("d128_causal_ragged_gqa_bf16", dict(B=1, S=100, Hq=4, Hkv=2, D=128,
+                                         dtype=jnp.bfloat16, bk=64)),
+    ("window_mqa_f32", dict(B=1, S=64, Hq=4, Hkv=1, D=64, dtype=jnp.float32,
+                            window=20, bq=16, bk=16)),
+    ("window_ragged_bf16", dict(B=2, S=72, Hq=2, Hkv=1, D=64,
+                                dtype=jnp.bfloat16, window=17, bk=16)),
+    ("segments_causal_gqa_f32", dict(B=2, S=64, Hq=4, Hkv=2, D=64,
+                                     dtype=jnp.float32, seg=True, bq=16)),
+    ("segments_full_ragged_f32", dict(B=1, S=72, Hq=2, Hkv=2, D=64,
                                       dtype=jnp.float32, seg=True,
                                       causal=False)),
-    ("segments_window_f32", dict(B=1, S=128, Hq=2, Hkv=1, D=64,
-                                 dtype=jnp.float32, seg=True, window=30)),
-    ("d128_causal_gqa_bf16", dict(B=1, S=64, Hq=4, Hkv=2, D=128,
-                                  dtype=jnp.bfloat16)),
-    ("d128_full_scale_f32", dict(B=1, S=80, Hq=2, Hkv=2, D=128,
+    ("segments_window_f32", dict(B=1, S=64, Hq=2, Hkv=1, D=64,
+                                 dtype=jnp.float32, seg=True, window=30,
+                                 bq=16, bk=16)),
+    ("d128_full_scale_f32", dict(B=1, S=48, Hq=2, Hkv=2, D=128,
                                  dtype=jnp.float32, causal=False,
-                                 sm_scale=0.3)),
+                                 sm_scale=0.3, bq=16)),
 ]
 
 
@@ -143,11 +142,11 @@ def test_decode_attention(case):
 
 def test_decode_matches_flash_last_rows():
   # Decoding the last Sq tokens of a causal prefix equals prefill's last rows.
-  q, k, v, _ = _inputs(5, 1, 96, 4, 2, 64, jnp.float32)
+  q, k, v, _ = _inputs(5, 1, 64, 4, 2, 64, jnp.float32)
   full = flash_attention(q, k, v, causal=True, block_q=32, block_k=32)
-  pos = jnp.arange(90, 96, dtype=jnp.int32)[None]
-  dec = decode_attention(q[:, 90:], k, v, pos)
-  assert rel_err(dec, full[:, 90:]) < 1e-4
+  pos = jnp.arange(58, 64, dtype=jnp.int32)[None]
+  dec = decode_attention(q[:, 58:], k, v, pos)
+  assert rel_err(dec, full[:, 58:]) < 1e-4
 
 
 # ------------------------------------------------------------------ GPU --
