@@ -51,7 +51,7 @@ def _host(leaf) -> np.ndarray:
 
 def flatten_state(state) -> dict[str, np.ndarray]:
     leaves, _ = jax.tree_util.tree_flatten_with_path(state)
-    return {jax.tree_util.keystr(path): np.ascontiguousarray(_host(leaf)) for path, leaf in leaves}
+    return {jax.tree_util.keystr(path): np.array(_host(leaf), order="C") for path, leaf in leaves}  # keeps 0-d
 
 
 def checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:

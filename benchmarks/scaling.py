@@ -1,0 +1,136 @@
+"""Multi-device scaling of the real training step: 1 device vs N devices, data parallel and FSDP.
+
+    python benchmarks/scaling.py --size 1b --batch 16 --seq-len 2048 --steps 12 --remat dots
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/scaling.py --size tiny \
+        --batch 8 --seq-len 64 --steps 4 --precision fp32      # CPU check of the mechanics
+
+Every run uses the same initial parameters (same key) and the same global batches, so the
+per-step losses must agree across meshes (bf16 noise only). Reports tokens/s, MFU per device
+and scaling efficiency = N-device tokens/s / (N x 1-device tokens/s). Finally a checkpoint
+written on the largest mesh is resumed on one device (and vice versa) and the next step's loss
+compared with the uninterrupted run.
+
+On NVIDIA machines keep NCCL's NVLink multicast off (NCCL_NVLS_ENABLE=0): set below before jax loads.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from smedjan.config import preset  # noqa: E402
+from smedjan.sharding import batch_sharding, make_mesh, put_batch  # noqa: E402
+from smedjan.train.checkpointing import load_checkpoint, save_checkpoint  # noqa: E402
+from smedjan.train.loop import peak_flops_per_device  # noqa: E402
+from smedjan.train.step import (OptimConfig, init_train_state, make_optimizer, make_train_step,  # noqa: E402
+                                state_shardings)
+
+
+def batches(cfg, n, batch, seq_len, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, cfg.vocab_size, (batch, seq_len + 1), dtype=np.int32) for _ in range(n)]
+
+
+def run_mesh(cfg, spec, devices, data, args, dtype):
+    mesh = make_mesh(spec, devices)
+    opt = make_optimizer(OptimConfig(lr=3e-4, warmup_steps=2, total_steps=1000))
+    state = init_train_state(cfg, jax.random.key(0), opt, mesh=mesh)
+    step = make_train_step(cfg, opt, attn_impl=args.attn, remat=args.remat, compute_dtype=dtype,
+                           grad_accum=args.grad_accum, mesh=mesh)
+    sh = batch_sharding(mesh)
+    losses, times = [], []
+    for i, tokens in enumerate(data):
+        batch = {"tokens": put_batch(tokens, sh)}
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch)
+        loss = float(metrics["loss"])  # syncs: each step is timed whole
+        times.append(time.perf_counter() - t0)
+        losses.append(loss)
+    timed = times[args.warmup:]
+    tok_s = args.batch * args.seq_len / statistics.median(timed)
+    return mesh, opt, step, state, losses, tok_s
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="1b")
+    ap.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=3, help="steps excluded from timing (compilation)")
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--remat", default="dots")
+    ap.add_argument("--attn", default="auto")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--devices", type=int, default=0, help="N (default: all)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    cfg = preset(args.size)
+    dtype = jnp.bfloat16 if args.precision == "bf16" else None
+    devs = jax.devices()
+    n = args.devices or len(devs)
+    data = batches(cfg, args.steps, args.batch, args.seq_len)
+    peak = peak_flops_per_device(devs[0])
+    flops_tok = cfg.flops_per_token(args.seq_len)
+
+    runs = {"1 device": ("data=1", devs[:1])}
+    if n > 1:
+        runs[f"data parallel x{n}"] = (f"data={n}", devs[:n])
+        runs[f"fsdp x{n}"] = (f"fsdp={n}", devs[:n])
+    results, last = {}, None
+    for name, (spec, d) in runs.items():
+        mesh, opt, step, state, losses, tok_s = run_mesh(cfg, spec, d, data, args, dtype)
+        ndev = len(d)
+        results[name] = {"mesh": spec, "devices": ndev, "tokens_per_s": tok_s, "losses": losses,
+                         "mfu_per_device": None if peak is None else tok_s * flops_tok / ndev / peak}
+        last = (mesh, opt, step, state)
+    base = results["1 device"]["tokens_per_s"]
+    for r in results.values():
+        r["scaling_efficiency"] = r["tokens_per_s"] / (r["devices"] * base)
+        r["max_loss_diff_vs_1"] = max(abs(a - b) for a, b in zip(r["losses"], results["1 device"]["losses"]))
+
+    # Resume across meshes: checkpoint from the last (largest) mesh, one more step on 1 device.
+    mesh, opt, step, state = last
+    extra = batches(cfg, 1, args.batch, args.seq_len, seed=1)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = save_checkpoint(tmp, state, {"step": args.steps})
+        _, ref = step(state, {"tokens": put_batch(extra, batch_sharding(mesh))})
+        one = make_mesh("data=1", devs[:1])
+        sh = state_shardings(cfg, opt, one)
+        template = jax.eval_shape(lambda: init_train_state(cfg, jax.random.key(0), opt))
+        restored, _ = load_checkpoint(ckpt, template, sh)
+        step1 = make_train_step(cfg, opt, attn_impl=args.attn, remat=args.remat, compute_dtype=dtype, mesh=one)
+        _, got = step1(restored, {"tokens": put_batch(extra, batch_sharding(one))})
+    resume = {"from": results[list(runs)[-1]]["mesh"], "to": "data=1", "loss_continuing": float(ref["loss"]),
+              "loss_resumed": float(got["loss"])}
+
+    if args.json:
+        print(json.dumps({"config": vars(args), "results": results, "resume": resume}, indent=2))
+        return
+    print(f"{args.size}: batch {args.batch} x {args.seq_len}, {args.precision}, remat={args.remat}, "
+          f"attn={args.attn}, device {devs[0].device_kind}")
+    print(f"{'run':<22}{'tok/s':>12}{'MFU/dev':>9}{'scaling':>9}{'max |dloss|':>13}  first losses")
+    for name, r in results.items():
+        mfu = "n/a" if r["mfu_per_device"] is None else f"{100 * r['mfu_per_device']:.1f}%"
+        print(f"{name:<22}{r['tokens_per_s']:>12,.0f}{mfu:>9}{100 * r['scaling_efficiency']:>8.1f}%"
+              f"{r['max_loss_diff_vs_1']:>13.2e}  {[round(x, 4) for x in r['losses'][:3]]}")
+    print(f"resume {resume['from']} -> {resume['to']}: next-step loss {resume['loss_continuing']:.5f} continuing, "
+          f"{resume['loss_resumed']:.5f} resumed")
+
+
+if __name__ == "__main__":
+    main()
