@@ -124,6 +124,13 @@ def init_train_state(model_cfg: ModelConfig, key, optimizer, param_dtype=jnp.flo
     return jax.jit(init, out_shardings=state_shardings(model_cfg, optimizer, mesh, param_dtype))(key)
 
 
+def _global_norm(tree):
+    tree_mod = getattr(optax, "tree", None)
+    if tree_mod is not None and hasattr(tree_mod, "norm"):
+        return tree_mod.norm(tree)
+    return optax.global_norm(tree)
+
+
 # ---- the step ------------------------------------------------------------------------------------------
 def split_batch(batch) -> tuple[jax.Array, jax.Array]:
     if "tokens" in batch:
@@ -200,7 +207,7 @@ def make_train_step(model_cfg: ModelConfig, optimizer, *, attn_impl: str = "auto
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
             (grads, loss_sum), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), (mi, mt))
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = _global_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "tokens": n_tokens}
