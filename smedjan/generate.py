@@ -520,7 +520,7 @@ def generate(params, cfg: ModelConfig, prompt_ids: list[list[int]], max_new_toke
 
 def _stop_string_cut(tokenizer, ids: list[int], stops) -> int:
     for k in range(1, len(ids) + 1):
-        text = tokenizer.decode(ids[:k])
+        text = decode_text(tokenizer, ids[:k])
         if any(s and s in text for s in stops):
             return k - 1
     return len(ids)
@@ -541,8 +541,8 @@ class TextStream:
         self.stopped = False
 
     def _decode_delta(self) -> str:
-        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self.tok.decode(self.ids[self.prefix_offset:])
+        prefix = decode_text(self.tok, self.ids[self.prefix_offset:self.read_offset])
+        full = decode_text(self.tok, self.ids[self.prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return full[len(prefix):]
@@ -572,8 +572,8 @@ class TextStream:
     def flush(self) -> str:
         """At the end: whatever was held back (a partial stop string, or dangling bytes)."""
         if not self.stopped:
-            full = self.tok.decode(self.ids[self.prefix_offset:])
-            prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
+            full = decode_text(self.tok, self.ids[self.prefix_offset:])
+            prefix = decode_text(self.tok, self.ids[self.prefix_offset:self.read_offset])
             if len(full) > len(prefix):
                 self.text += full[len(prefix):]
                 self.prefix_offset = self.read_offset = len(self.ids)
@@ -587,82 +587,19 @@ class TextStream:
 
 
 # ---- tokenizer loading --------------------------------------------------------------------------
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-class _FallbackTokenizer:
-    """tokenizer.json (+ tokenizer_config.json) through `tokenizers`, until smedjan.tokenizer exists."""
-
-    def __init__(self, folder: Path):
-        from tokenizers import Tokenizer as _Tok
-
-        self._tok = _Tok.from_file(str(folder / "tokenizer.json"))
-        conf = {}
-        if (folder / "tokenizer_config.json").is_file():
-            conf = json.loads((folder / "tokenizer_config.json").read_text())
-        self.chat_template = conf.get("chat_template")
-        if (folder / "chat_template.jinja").is_file():
-            self.chat_template = (folder / "chat_template.jinja").read_text()
-        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
-            self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"),
-                                      self.chat_template[0]["template"])
-
-        def special(name):
-            v = conf.get(name)
-            if isinstance(v, dict):
-                v = v.get("content")
-            return v
-
-        self.bos_token, self.eos_token = special("bos_token"), special("eos_token")
-        self.bos_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
-        self.eos_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
-        self.vocab_size = self._tok.get_vocab_size()
-
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
-            ids = [self.bos_id] + ids
-        return ids
-
-    def decode(self, ids) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
-
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        return render_chat_template(self.chat_template or DEFAULT_CHAT_TEMPLATE, messages, add_generation_prompt,
-                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "")
-
-
-def render_chat_template(template: str, messages, add_generation_prompt=True, **extra) -> str:
-    """transformers-style rendering: sandboxed jinja2, trim/lstrip blocks, raise_exception, tojson."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent,
-                                                                                  ensure_ascii=ensure_ascii)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            **extra)
-
-
 def load_tokenizer(folder):
-    """The shared smedjan.tokenizer.Tokenizer if present, else a tokenizers-backed fallback."""
-    folder = Path(folder)
+    """smedjan.tokenizer.Tokenizer for a folder holding tokenizer.json (+ tokenizer_config.json)."""
+    from smedjan.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(folder)
+
+
+def decode_text(tokenizer, ids) -> str:
+    """User-facing text: special tokens skipped."""
     try:
-        from smedjan.tokenizer import Tokenizer
-    except ImportError:
-        Tokenizer = None
-    if Tokenizer is not None and hasattr(Tokenizer, "from_dir"):
-        return Tokenizer.from_dir(folder)
-    if not (folder / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{folder}: no tokenizer.json")
-    return _FallbackTokenizer(folder)
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    except TypeError:  # a tokenizer without the keyword
+        return tokenizer.decode(ids)
 
 
 def stop_ids_for(folder, cfg: ModelConfig, tokenizer) -> list[int]:
@@ -674,8 +611,10 @@ def stop_ids_for(folder, cfg: ModelConfig, tokenizer) -> list[int]:
             ids.update(_eos_list(json.loads(gen.read_text()).get("eos_token_id")))
         except (json.JSONDecodeError, TypeError, ValueError):
             pass
-    if tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None:
-        ids.add(int(tokenizer.eos_id))
+    if tokenizer is not None:
+        ids.update(getattr(tokenizer, "stop_ids", None) or [])
+        if getattr(tokenizer, "eos_id", None) is not None:
+            ids.add(int(tokenizer.eos_id))
     return sorted(i for i in ids if 0 <= i < cfg.vocab_size)
 
 
@@ -733,7 +672,7 @@ def _cmd_generate(args):
                        eos_id=stop_ids_for(folder, cfg, tok), stop_strings=args.stop or None, tokenizer=tok)[0]
     except ValueError as e:
         raise UserError(str(e)) from None
-    text = tok.decode(out)
+    text = decode_text(tok, out)
     if args.stop:
         for s in args.stop:
             if s in text:

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from smedjan.generate import decode_text
 from smedjan.serve.engine import Engine, EngineClosed, QueueFull
 from smedjan.serve.protocol import APIError, GenRequest, parse_chat, parse_completion, parse_json
 
@@ -138,7 +139,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         return submitted
 
     def _tok_str(t: int) -> str:
-        return tokenizer.decode([t])
+        return decode_text(tokenizer, [t])
 
     def _logprobs_chat(entries):
         out = []
@@ -224,7 +225,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 prefix = ""
                 if req.echo:
                     p = req.prompts[i // req.n]
-                    prefix = p if isinstance(p, str) else tokenizer.decode(p)
+                    prefix = p if isinstance(p, str) else decode_text(tokenizer, p)
                 choices.append({"index": i, "text": prefix + text,
                                 "logprobs": (_logprobs_completion(lps[i], len(prefix))
                                              if req.logprobs is not None else None),
