@@ -37,12 +37,83 @@ PLANS = {
         "--size 125m --batch 16 --seq-len 1024 --attn cudnn --loss-chunk 4096 --columns train --iters 10 --repeats 3",
         "--size 125m --batch 16 --seq-len 1024 --attn xla --columns train --iters 10 --repeats 3",
     ],
+    "h100-2": [
+        "--size 125m --batch 16 --seq-len 1024 --attn pallas --columns train --iters 10 --repeats 3",
+        "--size 1b --batch 32 --seq-len 1024 --attn cudnn --remat dots --columns train --iters 4 --repeats 3 --warmup 2",
+    ],
     "cpu-smoke": [
         "--size tiny --layers 2 --batch 2 --seq-len 16 --iters 2 --repeats 2 --warmup 1 --decode-tokens 4",
         "--size tiny --layers 2 --batch 2 --seq-len 16 --iters 2 --repeats 2 --warmup 1 --columns forward "
         "--peer torch --peer-modes eager",
     ],
 }
+
+
+def diag_train(size="125m", batch=16, seq_len=1024, attn="cudnn", iters=8, log=print) -> dict:
+    """Where does the real step's time go? Times the trainer's own pieces separately (ms/step):
+    forward+loss and its gradient per loss_chunk, the layer stack alone, the full-logits loss,
+    and the optimizer update alone. Diagnostic only; the reported numbers use the real step."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from smedjan.bench import OPTIM
+    from smedjan.config import preset
+    from smedjan.model.transformer import forward, init_params, lm_head
+    from smedjan.train import step as ts
+    from smedjan.train.loss import naive_cross_entropy
+
+    cfg = preset(size)
+    bf16 = jnp.bfloat16
+    params = init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
+    toks = jax.random.randint(jax.random.PRNGKey(1), (batch, seq_len + 1), 0, cfg.vocab_size, jnp.int32)
+    inputs, targets = toks[:, :-1], toks[:, 1:]
+
+    def timeit(f, *a):
+        jax.block_until_ready(f(*a))
+        jax.block_until_ready(f(*a))
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(iters):
+            out = f(*a)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - t0) / iters * 1e3
+
+    res = {}
+
+    def rec(name, f, *a):
+        try:
+            res[name] = timeit(f, *a)
+        except Exception as e:  # noqa: BLE001
+            res[name] = f"error: {str(e).splitlines()[0][:120]}"
+        log(f"[diag] {name}: {res[name]}")
+
+    for chunk in (1024, 16384):
+        def lf(p, chunk=chunk):
+            return ts.loss_and_count(p, inputs, targets, cfg, attn_impl=attn, compute_dtype=bf16,
+                                     loss_chunk=chunk)[0]
+        rec(f"fwd+loss chunk={chunk}", jax.jit(lf), params)
+        rec(f"grad chunk={chunk}", jax.jit(jax.grad(lf)), params)
+
+    def body(p):
+        h = forward(p, inputs, cfg, attn_impl=attn, compute_dtype=bf16, return_hidden=True)
+        return jnp.sum(h.astype(jnp.float32))
+    rec("fwd layers only", jax.jit(body), params)
+    rec("grad layers only (no lm head / loss)", jax.jit(jax.grad(body)), params)
+
+    def naive(p):
+        h = forward(p, inputs, cfg, attn_impl=attn, compute_dtype=bf16, return_hidden=True)
+        return naive_cross_entropy(h, lm_head(p, cfg), targets)[0]
+    rec("grad full-logits CE", jax.jit(jax.grad(naive)), params)
+
+    opt = ts.make_optimizer(OPTIM)
+    ost = opt.init(params)
+
+    def upd(g, s, p):
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+    rec("optimizer update (clip + AdamW)", jax.jit(upd), params, ost, params)
+    return res
 
 
 def parse_entry(line: str):
@@ -85,6 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plan", default="h100", choices=sorted(PLANS))
     ap.add_argument("--entries", default=None, help="comma list of entry indices to run (default all)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--diag", action="store_true", help="time the train step's pieces (125m 16x1024) first")
     ap.add_argument("--budget-s", type=float, default=300.0, help="start no new entry after this many seconds")
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -106,6 +178,12 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
 
     summary = []
+    if a.diag:
+        res = diag_train(log=lambda m: print(m, file=sys.stderr, flush=True))
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"diag": res}) + "\n")
+        summary += [f"diag 125m 16x1024 cudnn: {k:<40} {v if isinstance(v, str) else f'{v:8.2f} ms'}"
+                    for k, v in res.items()]
     for line, cfg, args in entries:
         elapsed = time.perf_counter() - t_start
         if elapsed > a.budget_s:
