@@ -1,0 +1,244 @@
+"""The OpenAI-compatible server, exercised with the official `openai` client against a live
+uvicorn on 127.0.0.1, plus the engine and `smedjan chat` with piped stdin."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+from test_generate import make_tiny_checkpoint  # noqa: E402
+
+from smedjan.checkpoint import load_hf  # noqa: E402
+from smedjan.generate import SamplingParams, load_tokenizer, stop_ids_for  # noqa: E402
+from smedjan.serve.app import create_app  # noqa: E402
+from smedjan.serve.engine import Engine, QueueFull  # noqa: E402
+
+API_KEY = "test-key"
+MODEL = "tiny"
+MAX_SEQ = 64
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve") / "tiny"
+    make_tiny_checkpoint(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    cfg, params = load_hf(checkpoint)
+    tok = load_tokenizer(checkpoint)
+    # One kv bucket (min_kv_bucket = max_seq_len): batched and sequential runs use the same kernels.
+    engine = Engine(params, cfg, tok, max_batch=8, max_seq_len=MAX_SEQ, max_queue=64,
+                    stop_token_ids=stop_ids_for(checkpoint, cfg, tok), min_kv_bucket=MAX_SEQ).start()
+    app = create_app(engine, tok, MODEL, api_key=API_KEY)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}"
+    yield {"base": base, "engine": engine, "tok": tok, "cfg": cfg}
+    srv.should_exit = True
+    thread.join(10)
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server["base"] + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def _wait_idle(engine, timeout=10.0):
+    deadline = time.time() + timeout
+    while engine.num_active or engine.num_queued:
+        assert time.time() < deadline, f"engine still busy: {engine.num_active} active"
+        time.sleep(0.05)
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    r = httpx.get(server["base"] + "/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_completions(server, client):
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0,
+              extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw)
+    choice = full.choices[0]
+    assert choice.finish_reason == "length"
+    assert full.usage.completion_tokens == 8
+    assert full.usage.prompt_tokens == len(server["tok"].encode("Once upon a time", add_bos=True))
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 8
+    # logprobs and several prompts / n in one request
+    lp = client.completions.create(model=MODEL, prompt=["Hello", "The smith"], n=2, max_tokens=4, temperature=0,
+                                   logprobs=2, extra_body={"ignore_eos": True})
+    assert len(lp.choices) == 4 and lp.choices[0].text == lp.choices[1].text
+    assert len(lp.choices[0].logprobs.token_logprobs) == 4
+    assert all(v <= 0 for v in lp.choices[0].logprobs.token_logprobs)
+
+
+def test_chat(server, client):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello, how are you?"}]
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    msg = full.choices[0].message
+    assert msg.role == "assistant" and full.choices[0].finish_reason in ("stop", "length")
+    assert len(full.choices[0].logprobs.content[0].top_logprobs) == 3
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == msg.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
+    assert chunks[-1].usage.total_tokens == full.usage.total_tokens
+    # Sampled, seeded requests are reproducible.
+    kw = dict(model=MODEL, messages=messages, max_tokens=10, temperature=1.0, top_p=0.9, seed=11,
+              extra_body={"top_k": 50, "ignore_eos": True})
+    assert (client.chat.completions.create(**kw).choices[0].message.content
+            == client.chat.completions.create(**kw).choices[0].message.content)
+
+
+def test_32_concurrent_requests_match_sequential(server, client):
+    prompts = [f"Story {i}: the robot {'and the fox ' * (i % 5)}went" for i in range(32)]
+
+    def run(p):
+        r = client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        return r.choices[0].text, r.choices[0].finish_reason
+
+    sequential = [run(p) for p in prompts]
+    with ThreadPoolExecutor(32) as pool:
+        concurrent = list(pool.map(run, prompts))
+    assert concurrent == sequential
+    assert all(reason == "length" for _, reason in concurrent)
+    _wait_idle(server["engine"])
+
+
+def test_disconnect_mid_stream_frees_slot(server):
+    engine = server["engine"]
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 50, "stream": True, "ignore_eos": True,
+            "temperature": 0}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    before = engine.tokens_generated
+    with httpx.Client(timeout=30) as h:
+        with h.stream("POST", server["base"] + "/v1/completions", json=body, headers=headers) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            got = 0
+            for line in lines:
+                if line.startswith("data: "):
+                    got += 1
+                if got >= 2:
+                    break
+            assert engine.num_active == 1
+        # leaving the block closes the connection mid-stream
+    _wait_idle(engine, timeout=10)
+    print("tokens generated before the slot was freed:", engine.tokens_generated - before)
+    assert engine.tokens_generated - before < 50  # cancelled, not run to max_tokens
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b"{not json"),
+    ("/v1/completions", b"[1, 2, 3]"),
+    ("/v1/completions", {"prompt": "hi"}),  # no model
+    ("/v1/completions", {"model": "nope", "prompt": "hi"}),
+    ("/v1/completions", {"model": MODEL}),  # no prompt
+    ("/v1/completions", {"model": MODEL, "prompt": ""}),
+    ("/v1/completions", {"model": MODEL, "prompt": 5}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": -1}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": "hot"}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 1.5}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 10_000}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi " * 200}),  # longer than the context
+    ("/v1/completions", {"model": MODEL, "prompt": [1, 2, 99999]}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 0}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": True}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 9}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": 3}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "presence_penalty": 3}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "seed": 1.5}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stream": "yes"}),
+    ("/v1/chat/completions", {"model": MODEL}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": "hello"}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 7}]}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{}]}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": -5}),
+    ("/v1/nothing-here", {}),
+]
+
+
+def test_malformed_requests_get_4xx_and_server_keeps_serving(server, client):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    with httpx.Client(base_url=server["base"], timeout=30) as h:
+        for path, body in BAD_REQUESTS:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            r = h.post(path, content=data, headers=headers)
+            assert 400 <= r.status_code < 500, (path, body, r.status_code, r.text)
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["message"], (body, err)
+        r = h.get("/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert h.get("/v1/models").status_code == 401
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="other", prompt="hi")
+    out = client.completions.create(model=MODEL, prompt="still alive?", max_tokens=3, extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "length"
+
+
+def test_queue_full_is_429(checkpoint):
+    cfg, params = load_hf(checkpoint)
+    tok = load_tokenizer(checkpoint)
+    engine = Engine(params, cfg, tok, max_batch=1, max_seq_len=MAX_SEQ, max_queue=2)  # never started
+    engine.submit([1, 2, 3], SamplingParams(max_new_tokens=2))
+    engine.submit([1, 2, 3], SamplingParams(max_new_tokens=2))
+    with pytest.raises(QueueFull):
+        engine.submit([1, 2, 3], SamplingParams(max_new_tokens=2))
+    from starlette.testclient import TestClient
+
+    with TestClient(create_app(engine, tok, MODEL)) as tc:
+        r = tc.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_chat_cli_with_piped_stdin(checkpoint):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "smedjan.cli", "chat", str(checkpoint), "--max-new-tokens", "6",
+         "--temperature", "0", "--max-seq-len", "128"],
+        input="Hello there!\nHow are you?\n/exit\nnever read\n", capture_output=True, text=True, timeout=240,
+        env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("assistant: ") == 2
