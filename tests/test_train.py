@@ -128,6 +128,24 @@ def test_grad_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(results[0][2][k], results[1][2][k], atol=2e-5)  # Adam amplifies tiny grads
 
 
+def test_bf16_compute_and_remat_track_fp32():
+    """bf16 compute over fp32 master weights (and full remat) gives the fp32 loss within bf16 error."""
+    cfg = preset("tiny", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2, head_dim=0, vocab_size=64)
+    opt = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, total_steps=10))
+    tokens = jax.random.randint(jax.random.key(1), (4, 17), 0, 64)
+    ref_state = init_train_state(cfg, jax.random.key(0), opt)
+    ref = make_train_step(cfg, opt, compute_dtype=None, loss_chunk=16, donate=False)
+    _, m32 = ref(ref_state, {"tokens": tokens})
+    state = init_train_state(cfg, jax.random.key(0), opt)
+    step = make_train_step(cfg, opt, compute_dtype=jnp.bfloat16, remat="full", loss_chunk=16, donate=False)
+    new_state, m16 = step(state, {"tokens": tokens})
+    assert new_state.params["model.layers.mlp.up_proj.weight"].dtype == jnp.float32  # master weights stay fp32
+    assert int(new_state.step) == 1
+    assert abs(float(m16["loss"]) - float(m32["loss"])) < 2e-2
+    assert abs(float(m16["grad_norm"]) - float(m32["grad_norm"])) < 5e-2 * float(m32["grad_norm"])
+
+
 # ---- data sampler ----------------------------------------------------------------------------------------
 def test_window_sampler_is_a_pure_function_of_the_counter(tmp_path):
     arr = np.arange(10_000, dtype=np.uint16)

@@ -224,10 +224,21 @@ def load_run_params(run_dir, step: int | None = None):
     return params, cfg, (tok_dir if (tok_dir / "tokenizer.json").is_file() else None), step
 
 
+def _show_defaults(p) -> None:
+    """Flags default to SUPPRESS (so a recipe can fill them): print RunConfig's defaults in --help."""
+    from smedjan.train.loop import RunConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
+    for action in p._actions:
+        if action.dest in defaults and action.help is not argparse.SUPPRESS and defaults[action.dest] not in ("", None):
+            action.help = f"{action.help or ''} (default: {defaults[action.dest]})".strip()
+
+
 def register(sub) -> None:
     p = sub.add_parser("train", help="pre-train a model on a prepared dataset (or --corpus bundled)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(p)
+    _show_defaults(p)
     p.set_defaults(func=run_train)
     e = sub.add_parser("export-hf", help="write a training run's checkpoint as a Hugging Face folder")
     e.add_argument("run_dir", help="the run folder given to `smedjan train --out`")
