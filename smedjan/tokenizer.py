@@ -196,7 +196,7 @@ def train_tokenizer(inputs: list[str], output: str | os.PathLike, vocab_size: in
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
     tk.train_from_iterator(batches(), trainer=trainer)
     bar.close()
     if n_docs == 0:

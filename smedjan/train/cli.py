@@ -131,6 +131,9 @@ def add_train_args(p) -> None:
                    help="'bundled' (packaged Shakespeare) or text files: train tokenizer + prepare into --out first")
     g.add_argument("--tokenizer-vocab", type=int, default=S, help="with --corpus: BPE vocab size (default 4096)")
     g.add_argument("--val-fraction", type=float, default=S, help="with --corpus: held-out share of documents")
+    g.add_argument("--text-field", default=S, help="with --corpus: JSONL field holding the text")
+    g.add_argument("--split", choices=["auto", "line", "blank", "file"], default=S,
+                   help="with --corpus: document boundaries in .txt files (see smedjan prepare)")
     g.add_argument("--stream", action="store_true", default=S, help="read tokens through np.memmap")
     g = p.add_argument_group("model")
     g.add_argument("--size", default=S, help="preset (tiny, small, medium, 125m, ...) or config.json / folder")

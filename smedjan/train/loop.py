@@ -305,6 +305,8 @@ def train(rc: RunConfig) -> dict:
         raise TrainError(str(e)) from None
     val = eval_batches(ds.tokens("val", stream=rc.stream), rc.batch_size, rc.seq_len, rc.eval_batches)
     put = lambda a: put_batch(a, b_sh)  # noqa: E731
+    rows = process_rows(rc.batch_size)
+    put_eval = lambda a: put_batch(a[rows], b_sh)  # noqa: E731  (eval batches are built whole on every host)
     schedule = __import__("smedjan.train.step", fromlist=["make_schedule"]).make_schedule(optim_cfg)
 
     n_dev = jax.device_count()
@@ -327,7 +329,7 @@ def train(rc: RunConfig) -> dict:
     def run_eval(step):
         if not val:
             return None
-        vl = evaluate(eval_step, state.params, val, put)
+        vl = evaluate(eval_step, state.params, val, put_eval)
         rec = {"step": step, "val_loss": vl, "val_ppl": math.exp(min(vl, 50))}
         logger.log(rec)
         summary["val_loss"], summary["val_ppl"] = vl, rec["val_ppl"]
