@@ -123,6 +123,7 @@ DECODE_CASES = [
     (1, 4, 8, 1, 200, 64, 50, 3, jnp.float32),     # MQA, window, T % 16 != 0
     (2, 3, 2, 2, 128, 128, None, 2, jnp.bfloat16),
     (1, 16, 4, 2, 512, 64, 100, None, jnp.bfloat16),
+    (1, 16, 8, 1, 128, 64, None, 2, jnp.float32),  # 128 rows: 2 row tiles
 ]
 
 
