@@ -144,3 +144,23 @@ def test_bad_inputs_give_clean_errors(tmp_path, capsys):
 
     with pytest.raises(ValueError, match="no tokenizer.json"):
         Tokenizer.from_dir(tmp_path)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "models" / "gpt2_bpe_tokenizer" / "vocab.bpe").is_file(),
+                    reason="shared data (../shared/data/models) not available")
+def test_wrapper_loads_a_foreign_hf_tokenizer_folder(tmp_path):
+    """Any folder with a tokenizer.json works (here GPT-2's BPE, with its tokens in tokenizer_config)."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    src = SHARED_DATA / "models" / "gpt2_bpe_tokenizer"
+    bpe = ByteLevelBPETokenizer(str(src / "encoder.json"), str(src / "vocab.bpe"))
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": {"content": "<|endoftext|>", "special": True}, "eos_token": "<|endoftext|>"}))
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.encode("Hello world") == [15496, 995]  # GPT-2's well-known ids
+    assert tok.bos_id == tok.eos_id == 50256 and tok.vocab_size == 50257
+    assert tok.encode("Hello world", add_bos=True, add_eos=True) == [50256, 15496, 995, 50256]
+    assert tok.decode([15496, 995]) == "Hello world"
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == \
+        "<|endoftext|><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
