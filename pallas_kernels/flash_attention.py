@@ -423,7 +423,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ----------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------
-def _default_blocks(D, S, T, interpret):
+def _default_blocks(D):
   """Tuned on H100 bf16 (see benchmarks/KERNEL_NOTES.md)."""
   # (block_q, block_k, num_warps, num_stages).  D=128 values are the winners
   # of the sweep at S=4096 (fwd 408 TF/s, fwd+bwd 338 TF/s); D=64 reuses them.
@@ -470,8 +470,7 @@ def flash_attention(q, k, v, *, causal=True, sliding_window=None,
   k = k.astype(q.dtype)
   v = v.astype(q.dtype)
 
-  (dbq, dbk, dw, dst), (dbqb, dbkb, dwb, dstb) = _default_blocks(
-      D, S, T, interpret)
+  (dbq, dbk, dw, dst), (dbqb, dbkb, dwb, dstb) = _default_blocks(D)
   # Never use blocks (much) larger than the sequence; keep powers of two >= 16
   # (tensor-core dot minimum in the Triton lowering).
   cap_q = max(16, next_pow2(S))
