@@ -381,6 +381,14 @@ def run(args) -> int:
             cfg = cfg.replace(max_position_embeddings=args.seq_len)
     except (ConfigError, TypeError) as e:
         raise UserError(str(e)) from None
+    from smedjan.model.transformer import REMAT_POLICIES
+
+    if args.remat not in REMAT_POLICIES:
+        raise UserError(f"--remat must be one of {sorted(REMAT_POLICIES)}, got {args.remat!r}")
+    if args.loss_chunk is not None and args.loss_chunk <= 0:
+        raise UserError("--loss-chunk must be positive")
+    if args.grad_accum < 1 or args.batch % args.grad_accum:
+        raise UserError(f"--grad-accum must be >= 1 and divide --batch ({args.batch})")
     if "decode" in cols and args.decode_tokens and args.decode_tokens < 2:
         raise UserError("--decode-tokens must be >= 2")
     out = run_bench(cfg, args)

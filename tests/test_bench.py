@@ -69,6 +69,8 @@ def test_bench_errors():
     assert main(["bench", *FAST, "--columns", "nope"]) == 1
     assert main(["bench", "--size", "no-such-preset", "--iters", "1"]) == 1
     assert main(["bench", *FAST[:-2], "--batch", "0"]) == 1
+    assert main(["bench", *FAST, "--remat", "bogus"]) == 1
+    assert main(["bench", *FAST, "--grad-accum", "3"]) == 1
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None,
