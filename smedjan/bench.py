@@ -3,9 +3,10 @@
 Columns (each: tokens/s, ms per step, TFLOP/s, MFU, peak device memory):
 
 * forward  -- `forward()` on [batch, seq_len] fresh random tokens, bf16 weights, logits out.
-* decode   -- batch 1, one token per jitted call with the KV cache donated (`forward` with
-              `init_cache`, or the engine's step when `smedjan.generate` provides one); the
-              prompt (seq_len/2 tokens) is prefilled first and excluded from the timing.
+* decode   -- batch 1, greedy, through the decode engine `smedjan.generate`: the prompt
+              (seq_len - decode_tokens tokens) is prefilled first (not timed), then
+              `decode_loop` (the on-device loop `smedjan generate` runs) makes decode_tokens
+              tokens; also reported: one jitted `decode_step` per token (the server's path).
 * train    -- the trainer's own `make_train_step` (fp32 master weights, bf16 compute, AdamW),
               i.e. exactly what `smedjan train` runs; fwd + bwd + optimizer update.
 
