@@ -27,12 +27,10 @@ step is specialised on a power-of-two `kv_len` (how much of the cache it reads).
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
