@@ -193,7 +193,12 @@ def _fwd_kernel(*refs, cfg: _Cfg, has_seg: bool, nq: int, nk: int):
                     s, MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp2((m - m_new) * c)
-    p = jnp.exp2(s * c - (m_new * c)[:, None])
+    # A row that has seen no visible key yet has m_new == MASK_VALUE.  The
+    # compilers contract s*c - m*c into one FMA, whose exact product minus the
+    # rounded m*c leaves a residual of ~1e22 that exp2 turns into inf (then
+    # NaN).  Offsetting such rows by 0 makes their masked p exactly 0 instead.
+    m_off = jnp.where(m_new == MASK_VALUE, 0.0, m_new * c)
+    p = jnp.exp2(s * c - m_off[:, None])
     l = l * alpha + jnp.sum(p, axis=1)
     acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
     return acc, m_new, l
@@ -203,9 +208,12 @@ def _fwd_kernel(*refs, cfg: _Cfg, has_seg: bool, nq: int, nk: int):
            jnp.zeros((bq,), f32))
   lo, lo_full, hi_full, hi = _kv_ranges(qi, cfg, bq, bk, nk, has_seg)
   acc, m, l = _two_phase_loop(lo, lo_full, hi_full, hi, body, carry)
-  l = jnp.where(l == 0.0, 1.0, l)  # only possible for padded rows
+  no_key = l == 0.0  # only possible for padded rows
+  l = jnp.where(no_key, 1.0, l)
   o_ref[...] = (acc * (1.0 / l)[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = m * c + jnp.log2(l)
+  # A huge *positive* lse makes the backward's p = exp2(s*c - lse) exactly 0
+  # on such rows, whatever FMA contraction does to s*c.
+  lse_ref[...] = jnp.where(no_key, -MASK_VALUE, m * c + jnp.log2(l))
 
 
 def _fwd_call(q, k, v, seg, cfg: _Cfg):

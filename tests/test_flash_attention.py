@@ -92,6 +92,11 @@ CASES = [
     ("segments_window_f32", dict(B=1, S=64, Hq=2, Hkv=1, D=64,
                                  dtype=jnp.float32, seg=True, window=30,
                                  bq=16, bk=16)),
+    # Window much narrower than the kv block: some rows' first visited block
+    # is fully masked (regression: FMA-contracted exp2 overflow gave NaN).
+    ("narrow_window_big_blocks_f32", dict(B=2, S=72, Hq=4, Hkv=2, D=64,
+                                          dtype=jnp.float32, window=7,
+                                          bq=64, bk=64)),
     ("d128_full_scale_f32", dict(B=1, S=48, Hq=2, Hkv=2, D=128,
                                  dtype=jnp.float32, causal=False,
                                  sm_scale=0.3, bq=16)),
