@@ -200,6 +200,22 @@ class _Logger:
             self.tb.close()
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop records past the checkpoint being resumed (steps that will be re-run), keeping one curve."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
 def evaluate(eval_step, params, batches, put) -> float:
     total, count = 0.0, 0
     for b in batches:
@@ -291,6 +307,7 @@ def train(rc: RunConfig) -> dict:
             print(f"--resume: the checkpoint used --seed {meta['seed']}, continuing with it", file=sys.stderr)
             rc.seed = int(meta["seed"])
         if main:
+            _truncate_log(out / "log.jsonl", start)
             print(f"resumed from {latest} (step {start}, data position {meta['data_position']})")
     else:
         from smedjan.train.step import init_train_state
