@@ -217,9 +217,8 @@ def _prefill_forward(w, cfg: ModelConfig, caches, tokens, lens, slots, impl: str
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (n, s))
     x = jnp.take(w["embed"], tokens, axis=0)
     cos, sin = rope_cos_sin(cfg, positions, seq_len=jnp.max(lens))
+    # Off GPU the Pallas kernels only interpret: far too slow for serving, so prefill in XLA there.
     prefill_impl = "xla" if impl == "pallas" and jax.default_backend() != "gpu" else impl
-    if prefill_impl == "pallas":
-        prefill_impl = "auto"
     new_caches = []
     for p, (ck, cv) in zip(w["layers"], caches):
         q, k, v = _qkv(rms_norm(x, p["ln1"], cfg.rms_norm_eps), p, cfg, cos, sin)

@@ -67,8 +67,9 @@ def attention(q, k, v, *, q_pos, kv_pos, sliding_window=None, segment_ids=None, 
 
         return flash_attention(q, k, v, causal=True, sliding_window=sliding_window,
                                segment_ids=segment_ids, sm_scale=scale)
-    if impl == "cudnn" and not decoding and segment_ids is None:
-        # cuDNN's own causal mask assumes positions 0..S-1, which training batches have.
+    if impl == "cudnn" and not decoding and segment_ids is None and q.dtype in (jnp.bfloat16, jnp.float16):
+        # cuDNN's own causal mask assumes positions 0..S-1, which training batches have; it takes only
+        # 16-bit inputs, so float32 (reference-precision) runs fall through to XLA.
         window = None if sliding_window is None else (sliding_window - 1, 0)
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=window,
                                             implementation="cudnn")
