@@ -58,4 +58,8 @@ class UserError(Exception):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m smedjan.cli` this file is __main__, but stages raise smedjan.cli.UserError:
+    # run the imported module's main so the two are the same class.
+    from smedjan.cli import main as package_main
+
+    sys.exit(package_main())

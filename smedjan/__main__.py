@@ -1,0 +1,5 @@
+import sys
+
+from smedjan.cli import main
+
+sys.exit(main())
