@@ -234,8 +234,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, corpus, straight_run,
     data, tok = corpus
     straight, _ = straight_run
     split = tmp_path / "split"
-    assert main(_train_args(data, tok, split, "--no-export", "--stop-after", "30")) == 0
+    assert main(_train_args(data, tok, split, "--no-export", "--stop-after", "30", "--peak-flops", "1e12")) == 0
     assert "--resume" in capsys.readouterr().out
+    assert all(0 < r["mfu"] < 1 for r in _log(split) if "loss" in r)  # MFU against the given peak
     assert ck.latest_checkpoint(split).name == "step_00000030"
     assert ck.read_meta(ck.latest_checkpoint(split))["data_position"] == 30
     # resume through np.memmap (--stream) reads the very same windows
