@@ -216,6 +216,8 @@ def prepare(inputs, tokenizer_dir, output, *, val_fraction: float = 0.05, text_f
                 batch, chars = [], 0
         if batch:
             flush(batch)
+        if bar.total:
+            bar.update(max(0, bar.total - bar.n))  # newlines between documents are not counted above
     finally:
         for f in files.values():
             f.close()

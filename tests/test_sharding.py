@@ -121,3 +121,36 @@ def test_cli_train_on_a_mesh_of_8_fake_devices(tmp_path):
     assert (tmp_path / "run" / "hf" / "model.safetensors").is_file()
     log = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl")]
     assert log[-1]["step"] == 3 and "val_loss" in log[-1]
+
+
+def test_distributed_flag_initializes_from_env(tmp_path):
+    """--distributed: jax.distributed.initialize() from JAX_COORDINATOR_ADDRESS & co (one process here)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+               JAX_NUM_PROCESSES="1", JAX_PROCESS_ID="0")
+    env.pop("XLA_FLAGS", None)
+    src = tmp_path / "c.txt"
+    src.write_text("\n".join(f"line {i}: the rain in spain" for i in range(300)))
+    code = textwrap.dedent(f"""
+        import sys, jax
+        from smedjan.cli import main
+        rc = main(["train", "--corpus", {str(src)!r}, "--tokenizer-vocab", "300", "--size", "tiny", "--dim", "32",
+                   "--layers", "1", "--heads", "2", "--ffn-dim", "64", "--steps", "2", "--batch-size", "4",
+                   "--seq-len", "16", "--distributed", "--no-progress", "--eval-batches", "1",
+                   "--out", {str(tmp_path / 'run')!r}])
+        try:  # private API: only checked where it exists
+            from jax._src import distributed
+            client = distributed.global_state.client
+        except (ImportError, AttributeError):
+            client = "unknown"
+        assert client is not None, "jax.distributed was not initialised"
+        sys.exit(rc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "run" / "hf" / "config.json").is_file()
