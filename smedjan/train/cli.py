@@ -184,7 +184,6 @@ def run_export(args) -> int:
     import jax.numpy as jnp
 
     from smedjan.checkpoint import save_hf
-    from smedjan.cli import UserError
 
     params, cfg, tok_dir, step = load_run_params(args.run_dir, args.step)
     dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32, "fp16": jnp.float16}[args.dtype]

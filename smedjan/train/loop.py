@@ -231,13 +231,13 @@ def train(rc: RunConfig) -> dict:
     import jax.numpy as jnp
 
     from smedjan.config import ModelConfig
-    from smedjan.data import DataError, TokenDataset
+    from smedjan.data import TokenDataset
     from smedjan.sharding import (ShardingError, batch_divisor, batch_sharding, initialize_distributed, make_mesh,
                                   process_rows, put_batch)
     from smedjan.tokenizer import TOKENIZER_FILES_COPIED, Tokenizer
     from smedjan.train import checkpointing as ck
     from smedjan.train.loader import Prefetcher, WindowSampler, eval_batches
-    from smedjan.train.step import TrainState, _init_fn
+    from smedjan.train.step import _init_fn, init_train_state, make_schedule, state_shardings
 
     if rc.distributed:
         initialize_distributed()
@@ -287,8 +287,6 @@ def train(rc: RunConfig) -> dict:
     optim_cfg = rc.optim()
     optimizer, train_step, eval_step = _compiled_steps(model_cfg, optim_cfg, rc.attn_impl, rc.remat,
                                                        compute_dtype, rc.grad_accum, rc.loss_chunk, mesh)
-    from smedjan.train.step import state_shardings
-
     st_sh = state_shardings(model_cfg, optimizer, mesh)
     b_sh = batch_sharding(mesh)
 
@@ -310,8 +308,6 @@ def train(rc: RunConfig) -> dict:
             _truncate_log(out / "log.jsonl", start)
             print(f"resumed from {latest} (step {start}, data position {meta['data_position']})")
     else:
-        from smedjan.train.step import init_train_state
-
         state = init_train_state(model_cfg, jax.random.key(rc.seed), optimizer, mesh=mesh)
 
     # ---- data pipeline ----
@@ -324,7 +320,7 @@ def train(rc: RunConfig) -> dict:
     put = lambda a: put_batch(a, b_sh)  # noqa: E731
     rows = process_rows(rc.batch_size)
     put_eval = lambda a: put_batch(a[rows], b_sh)  # noqa: E731  (eval batches are built whole on every host)
-    schedule = __import__("smedjan.train.step", fromlist=["make_schedule"]).make_schedule(optim_cfg)
+    schedule = make_schedule(optim_cfg)
 
     n_dev = jax.device_count()
     peak = rc.peak_flops or (peak_flops_per_device(jax.devices()[0]) or 0) * n_dev or None
