@@ -206,13 +206,22 @@ def save_hf(folder: str | os.PathLike, cfg: ModelConfig, params: dict, *, tokeni
             src = Path(tokenizer_dir) / fname
             if src.is_file():
                 shutil.copy2(src, tmp / fname)
-    if folder.exists():
-        old = folder.with_name(folder.name + ".old-save")
+    return replace_dir(tmp, folder, old_suffix=".old-save")
+
+
+def replace_dir(tmp: Path, final: Path, old_suffix: str = ".old") -> Path:
+    """Move a fully written `tmp` folder to `final`, replacing any previous one.
+
+    Renames only: at every instant either the old or the new folder is complete under
+    its name, so a crash never leaves a half-written folder where a reader looks.
+    """
+    if final.exists():
+        old = final.with_name(final.name + old_suffix)
         if old.exists():
             shutil.rmtree(old)
-        folder.rename(old)
-        tmp.rename(folder)
+        final.rename(old)
+        tmp.rename(final)
         shutil.rmtree(old)
     else:
-        tmp.rename(folder)
-    return folder
+        tmp.rename(final)
+    return final

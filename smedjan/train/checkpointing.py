@@ -20,12 +20,10 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from smedjan.checkpoint import CheckpointError, replace_dir
+
 CKPT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def _fsync_dir(path: Path) -> None:
@@ -92,15 +90,7 @@ def save_checkpoint(run_dir: str | os.PathLike, state, meta: dict, keep: int = 3
         os.fsync(f.fileno())
     with open(tmp / "state.safetensors", "rb") as f:
         os.fsync(f.fileno())
-    if final.exists():  # re-saving the same step (e.g. a stop right after a periodic save)
-        old = root / f"step_{step:08d}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
+    replace_dir(tmp, final)  # replaces when re-saving a step (e.g. a stop right after a periodic save)
     _fsync_dir(root)
     for p in root.iterdir():  # leftovers of interrupted saves
         if p.name.endswith((".tmp", ".old")) and p != tmp:
