@@ -41,6 +41,14 @@ PLANS = {
         "--size 125m --batch 16 --seq-len 1024 --attn pallas --columns train --iters 10 --repeats 3",
         "--size 1b --batch 32 --seq-len 1024 --attn cudnn --remat dots --columns train --iters 4 --repeats 3 --warmup 2",
     ],
+    "h100-3": [  # remat and loss-chunk levers at 125m, same run
+        "--size 125m --batch 16 --seq-len 1024 --attn cudnn --columns train --loss-chunk 16384 --iters 10 --repeats 3",
+        "--size 125m --batch 16 --seq-len 1024 --attn cudnn --columns train --remat dots --iters 10 --repeats 3",
+        "--size 125m --batch 16 --seq-len 1024 --attn cudnn --columns train --remat dots --loss-chunk 16384 "
+        "--iters 10 --repeats 3",
+        "--size 125m --batch 32 --seq-len 1024 --attn cudnn --columns train --remat dots --loss-chunk 16384 "
+        "--iters 6 --repeats 3",
+    ],
     "cpu-smoke": [
         "--size tiny --layers 2 --batch 2 --seq-len 16 --iters 2 --repeats 2 --warmup 1 --decode-tokens 4",
         "--size tiny --layers 2 --batch 2 --seq-len 16 --iters 2 --repeats 2 --warmup 1 --columns forward "
