@@ -384,7 +384,7 @@ def run(args) -> int:
         raise UserError(str(e)) from None
     from smedjan.model.transformer import REMAT_POLICIES
 
-    if args.remat not in REMAT_POLICIES:
+    if args.remat != "auto" and args.remat not in REMAT_POLICIES:
         raise UserError(f"--remat must be one of {sorted(REMAT_POLICIES)}, got {args.remat!r}")
     if args.loss_chunk is not None and args.loss_chunk <= 0:
         raise UserError("--loss-chunk must be positive")
@@ -404,7 +404,8 @@ def add_bench_args(p) -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--attn", default="auto", choices=["auto", "xla", "cudnn", "pallas"])
-    p.add_argument("--remat", default="none", help="remat policy of the train step (none, full, dots, ...)")
+    p.add_argument("--remat", default="auto",
+                   help="remat policy of the train step (auto = the trainer's default, none, full, dots)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="compute dtype")
     p.add_argument("--loss-chunk", type=int, default=None, help="train step's cross-entropy chunk (tokens)")
     p.add_argument("--grad-accum", type=int, default=1)

@@ -341,3 +341,17 @@ def test_recipe_file_and_flags_layering(tmp_path):
     assert pipeline == {"corpus": "bundled"}
     main_job = json.loads(open(os.path.join(os.path.dirname(__file__), "..", "configs", "main_job.json")).read())
     assert main_job["corpus"] == "bundled"
+
+
+def test_speed_knobs_resolve_per_backend(monkeypatch):
+    from smedjan.config import preset
+    from smedjan.train.step import speed_knobs
+
+    cfg = preset("125m")
+    assert speed_knobs(cfg) == ("none", 1024)  # CPU
+    assert speed_knobs(cfg, "full", 512) == ("full", 512)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert speed_knobs(cfg) == ("dots", 16384)  # the H100-measured setting
+    big_vocab = cfg.replace(vocab_size=128256)
+    remat, chunk = speed_knobs(big_vocab)
+    assert chunk * big_vocab.vocab_size * 4 <= 2 ** 31 and chunk == 4096

@@ -154,7 +154,7 @@ def add_train_args(p) -> None:
     g.add_argument("--clip-norm", type=float, default=S)
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=S,
                    help="bf16 compute over fp32 master weights, or fp32 (auto: bf16 on GPU, fp32 on CPU)")
-    g.add_argument("--remat", choices=["none", "full", "dots"], default=S)
+    g.add_argument("--remat", choices=["auto", "none", "full", "dots"], default=S)
     g.add_argument("--attn-impl", choices=["auto", "xla", "cudnn", "pallas"], default=S)
     g.add_argument("--loss-chunk", type=int, default=S, help="tokens per chunk of the fused cross-entropy")
     g.add_argument("--seed", type=int, default=S)

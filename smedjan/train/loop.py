@@ -61,9 +61,9 @@ class RunConfig:
     b2: float = 0.95
     clip_norm: float = 1.0
     precision: str = "auto"       # bf16 | fp32 | auto (bf16 on accelerators, fp32 on CPU)
-    remat: str = "none"
+    remat: str = "auto"           # auto: measured best per backend (see train.step.speed_knobs)
     attn_impl: str = "auto"
-    loss_chunk: int = 1024
+    loss_chunk: int | None = None  # None: measured best per backend
     eval_every: int = 200
     eval_batches: int = 20
     log_every: int = 10
