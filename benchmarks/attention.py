@@ -15,7 +15,6 @@ median over ``reps`` such batches.  All implementations run in one process.
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import statistics

@@ -102,13 +102,13 @@ def bench_engine(cfg, w, *, concurrencies, max_batch, prompt_len, steps, repeats
         def once():
             runner.pos[:] = 0
             for s in range(c):  # prefill c requests into slots (not timed)
-                out = runner.prefill([s], [rng.integers(0, cfg.vocab_size, prompt_len).tolist()], [row])
+                runner.prefill([s], [rng.integers(0, cfg.vocab_size, prompt_len).tolist()], [row])
             jax.block_until_ready(runner.state)
             active = np.zeros(max_batch, bool)
             active[:c] = True
             t0 = time.perf_counter()
             for _ in range(steps):
-                out = jax.device_get(runner.step(active))  # the server fetches every step's tokens
+                jax.device_get(runner.step(active))  # the server fetches every step's tokens
             return time.perf_counter() - t0
 
         once()  # compile / warm

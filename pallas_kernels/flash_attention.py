@@ -218,7 +218,7 @@ def _fwd_kernel(*refs, cfg: _Cfg, has_seg: bool, nq: int, nk: int):
 
 def _fwd_call(q, k, v, seg, cfg: _Cfg):
   B, Sp, Hq, D = q.shape
-  Tp, Hkv = k.shape[1], k.shape[2]
+  Tp = k.shape[1]
   bq, bk, G = cfg.block_q, cfg.block_k, cfg.group
   nq, nk = Sp // bq, Tp // bk
   has_seg = seg is not None

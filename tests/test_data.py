@@ -74,7 +74,7 @@ def test_streaming_batches_give_identical_files(tmp_path, tok_dir):
     with gzip.open(src, "wt") as f:
         f.write("\n".join(lines) + "\n")
     a = prepare([str(src)], tok_dir, tmp_path / "a", val_fraction=0.05, batch_docs=1, progress=False)
-    b = prepare([str(src)], tok_dir, tmp_path / "b", val_fraction=0.05, batch_docs=1000, progress=False)
+    prepare([str(src)], tok_dir, tmp_path / "b", val_fraction=0.05, batch_docs=1000, progress=False)
     assert a["documents"] == 300  # --split auto: no blank lines -> one document per line
     assert a["splits"]["val"]["documents"] == 15
     for split in ("train", "val"):

@@ -56,7 +56,7 @@ def _cmd_serve(args):
     engine = _engine(args, cfg, params, tok, max_seq_len, stops, args.max_batch).start()
     name = args.model_name or Path(str(args.model).rstrip("/")).name
     if not args.no_warmup:
-        print(f"compiling... ", end="", file=sys.stderr, flush=True)
+        print("compiling... ", end="", file=sys.stderr, flush=True)
         print(f"{_warmup(engine, tok):.1f}s", file=sys.stderr)
     app = create_app(engine, tok, name, api_key=args.api_key)
     print(f"serving {name} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
