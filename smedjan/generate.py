@@ -586,7 +586,6 @@ class TextStream:
 # ---- tokenizer loading --------------------------------------------------------------------------
 def load_tokenizer(folder):
     """smedjan.tokenizer.Tokenizer for a folder holding tokenizer.json (+ tokenizer_config.json)."""
-    import jinja2.ext  # noqa: F401  smedjan.tokenizer's template env uses jinja2.ext without importing it
     from smedjan.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(folder)
