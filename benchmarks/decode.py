@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from smedjan import generate as gen
+from smedjan.bench import timed_decode_loop
 from smedjan.config import preset
 from smedjan.model.transformer import init_params
 
@@ -67,18 +68,11 @@ def bench_batch1(cfg, params, *, prompt_len, new_tokens, attn, repeats):
     runner = gen.Runner(params, cfg, 1, max_len, attn_impl=attn)
     row = gen.SamplingParams(max_new_tokens=new_tokens).row(0)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, prompt_len).tolist()
-    stop = jnp.asarray([-1], jnp.int32)
-    active = jnp.ones((1,), jnp.bool_)
     kv_len = gen.next_bucket(total, max_len)
 
     def once():
-        first = runner.prefill([0], [prompt], [row])
-        jax.block_until_ready((first, runner.state))
-        t0 = time.perf_counter()
-        runner.state, toks, *_ = gen.decode_loop(runner.w, runner.state, first, active, stop, cfg=cfg,
-                                                 n_steps=new_tokens, kv_len=kv_len, impl=attn)
-        toks = np.asarray(toks)
-        return time.perf_counter() - t0, toks
+        t, toks = timed_decode_loop(runner, cfg, prompt, row, new_tokens, kv_len, attn)
+        return t, np.asarray(toks)
 
     t_compile = time.perf_counter()
     _, toks = once()

@@ -113,6 +113,24 @@ def bench_forward(cfg, batch, seq_len, *, attn, dtype, iters, repeats, warmup, p
     return _column(batch * seq_len, t, cfg.flops_per_token(seq_len) / 3, peak, times, mem)
 
 
+def timed_decode_loop(runner, cfg, prompt: list[int], row: dict, n_new: int, kv_len: int, attn: str):
+    """Prefill `prompt` into slot 0 of a batch-1 `generate.Runner` (untimed), then time the
+    on-device decode loop that `smedjan generate` runs. Returns (seconds, tokens [1, n_new])."""
+    import jax
+    import jax.numpy as jnp
+
+    from smedjan import generate as gen
+
+    first = runner.prefill([0], [prompt], [row])
+    jax.block_until_ready((first, runner.state))
+    t0 = time.perf_counter()
+    runner.state, toks, *_ = gen.decode_loop(runner.w, runner.state, first, jnp.ones((1,), jnp.bool_),
+                                             jnp.asarray([-1], jnp.int32), cfg=cfg, n_steps=n_new,
+                                             kv_len=kv_len, impl=attn)
+    toks = jax.block_until_ready(toks)
+    return time.perf_counter() - t0, toks
+
+
 def bench_decode(cfg, seq_len, *, attn, dtype, repeats, warmup, peak, decode_tokens=None, seed=0):
     """Batch-1 greedy decoding through the engine (`smedjan.generate`), prompt prefilled first.
 
@@ -121,7 +139,6 @@ def bench_decode(cfg, seq_len, *, attn, dtype, repeats, warmup, peak, decode_tok
     `Runner.step`, the path the server's continuous-batching scheduler drives.
     """
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from smedjan import generate as gen
@@ -136,25 +153,16 @@ def bench_decode(cfg, seq_len, *, attn, dtype, repeats, warmup, peak, decode_tok
     del params
     rng = np.random.default_rng(seed + 2)
     row = gen.SamplingParams(max_new_tokens=n_new, temperature=0.0).row(0)
-    stop = jnp.asarray([-1], jnp.int32)
-    active = jnp.ones((1,), jnp.bool_)
     kv_len = gen.next_bucket(total, max_len)
 
-    def prefill():
-        first = runner.prefill([0], [rng.integers(0, cfg.vocab_size, prompt_len).tolist()], [row])
-        jax.block_until_ready((first, runner.state))
-        return first
+    def prompt():
+        return rng.integers(0, cfg.vocab_size, prompt_len).tolist()
 
     def loop_once():
-        first = prefill()
-        t0 = time.perf_counter()
-        runner.state, toks, *_ = gen.decode_loop(runner.w, runner.state, first, active, stop, cfg=cfg,
-                                                 n_steps=n_new, kv_len=kv_len, impl=attn)
-        jax.block_until_ready(toks)
-        return (time.perf_counter() - t0) / n_new
+        return timed_decode_loop(runner, cfg, prompt(), row, n_new, kv_len, attn)[0] / n_new
 
     def steps_once():
-        prefill()
+        jax.block_until_ready((runner.prefill([0], [prompt()], [row]), runner.state))
         act = np.ones((1,), bool)
         t0 = time.perf_counter()
         out = None
@@ -170,7 +178,7 @@ def bench_decode(cfg, seq_len, *, attn, dtype, repeats, warmup, peak, decode_tok
     step_times = [steps_once() for _ in range(repeats)]
     t = statistics.median(times)
     mem = _peak_mem(jax.devices()[0])
-    n = cfg.num_params() - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
+    n = cfg.matmul_params()
     ctx = prompt_len + n_new / 2
     fpt = 2 * n + 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * ctx
     del runner

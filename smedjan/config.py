@@ -127,13 +127,18 @@ class ModelConfig:
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return embed + self.num_hidden_layers * per_layer + d
 
+    def matmul_params(self) -> int:
+        """Parameters that do matrix work per token: all but the embedding lookup (a tied table
+        still counts once, as the LM head)."""
+        return self.num_params() - self.vocab_size * self.hidden_size * (0 if self.tie_word_embeddings else 1)
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6·N (matmul params, embedding lookup excluded) + attention.
 
         Attention counts 12·L·H·hd·S/2 (QK^T and PV, forward+backward, causal halves it),
         the PaLM-appendix convention.
         """
-        n = self.num_params() - self.vocab_size * self.hidden_size * (0 if self.tie_word_embeddings else 1)
+        n = self.matmul_params()
         attn = 12 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len / 2
         return 6 * n + attn
 
