@@ -86,7 +86,8 @@ def bench_batch1(cfg, params, *, prompt_len, new_tokens, attn, repeats):
             "first_call_s": t_compile, "times_s": times, "tokens": toks[0, :32].tolist()}, w
 
 
-def bench_engine(cfg, w, *, concurrencies, max_batch, prompt_len, steps, repeats):
+def bench_engine(cfg, w, *, concurrencies, max_batch, prompt_len, steps, repeats, chunk=8):
+    steps -= steps % chunk
     max_len = gen.next_bucket(prompt_len + steps + 2, minimum=64)
     runner = gen.Runner(w, cfg, max_batch, max_len, min_kv_bucket=gen.next_bucket(prompt_len + steps + 1))
     row = gen.SamplingParams().row(0)
@@ -101,8 +102,8 @@ def bench_engine(cfg, w, *, concurrencies, max_batch, prompt_len, steps, repeats
             active = np.zeros(max_batch, bool)
             active[:c] = True
             t0 = time.perf_counter()
-            for _ in range(steps):
-                jax.device_get(runner.step(active))  # the server fetches every step's tokens
+            for _ in range(steps // chunk):  # the server's dispatch: `chunk` steps, then fetch the tokens
+                jax.device_get(runner.step(active, n_steps=chunk))
             return time.perf_counter() - t0
 
         once()  # compile / warm
@@ -174,6 +175,8 @@ def main(argv=None):
     ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--engine-presets", default="1b", help="presets to run the engine sweep on")
     ap.add_argument("--engine-steps", type=int, default=120)
+    ap.add_argument("--engine-chunk", type=int, default=8,
+                    help="decode steps per engine dispatch (the server's --decode-chunk)")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--attn", default="xla", help="decode attention impl(s) for batch-1, comma separated")
@@ -230,7 +233,8 @@ def main(argv=None):
             try:
                 r["engine"] = bench_engine(cfg, w, concurrencies=[int(c) for c in args.concurrency.split(",")],
                                            max_batch=args.max_batch, prompt_len=args.prompt_len,
-                                           steps=args.engine_steps, repeats=args.repeats)
+                                           steps=args.engine_steps, repeats=args.repeats,
+                                           chunk=args.engine_chunk)
             except Exception as e:
                 r["engine"] = {"error": f"{type(e).__name__}: {e}"}
                 print(f"{name} engine failed: {e}", flush=True)
@@ -252,9 +256,11 @@ def main(argv=None):
             print(f"{name:<7} {'HF generate':<22} {hf:>9.0f} {r['hf']['ms_per_token']:>7.2f} {'':>8} {'1.0x':>6}")
         eng = r.get("engine", {})
         base = eng.get(1, {}).get("tokens_per_s") if isinstance(eng, dict) else None
+        b1 = r.get("batch1_xla", {}).get("tokens_per_s")
         for c, v in (eng.items() if isinstance(eng, dict) else []):
             if isinstance(v, dict) and "tokens_per_s" in v:
                 scale = f"{v['tokens_per_s'] / base:.1f}x c1" if base else ""
+                scale += f", {v['tokens_per_s'] / b1:.1f}x batch-1 loop" if b1 else ""
                 print(f"{name:<7} {f'engine c={c}':<22} {v['tokens_per_s']:>9.0f} {v['ms_per_step']:>7.2f} "
                       f"{'':>8} {scale}")
     dump()

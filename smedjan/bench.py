@@ -294,10 +294,13 @@ def run_bench(cfg, args) -> dict:
             if not _is_oom(e):
                 raise
             results[col] = {"error": f"out of memory: {str(e).splitlines()[0][:200]}"}
+    from smedjan.train.step import speed_knobs
+
+    remat, loss_chunk, scan_unroll = speed_knobs(cfg, args.remat, args.loss_chunk)  # what the step ran
     out = {
         "model": args.size, "config": cfg.to_hf_dict(), "num_params": cfg.num_params(),
-        "batch": args.batch, "seq_len": args.seq_len, "attn": attn, "remat": args.remat, "dtype": args.dtype,
-        "loss_chunk": args.loss_chunk, "grad_accum": args.grad_accum,
+        "batch": args.batch, "seq_len": args.seq_len, "attn": attn, "remat": remat, "dtype": args.dtype,
+        "loss_chunk": loss_chunk, "scan_unroll": scan_unroll, "grad_accum": args.grad_accum,
         "backend": jax.default_backend(), "device": dev.device_kind, "jax": jax.__version__,
         "peak_flops": peak, "flop_formula": FLOP_FORMULA, "iters": args.iters, "repeats": args.repeats,
         "results": results,

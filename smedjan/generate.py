@@ -188,12 +188,22 @@ def _decode_forward(w, cfg: ModelConfig, caches, tokens, pos, active, kv_len: in
     x = jnp.take(w["embed"], tokens, axis=0)[:, None]
     q_pos = pos[:, None]
     cos, sin = rope_cos_sin(cfg, q_pos, seq_len=jnp.max(jnp.where(active, pos, 0)) + 1)
+    # Materialise cos/sin once: left alone, XLA re-derives them from `pos` inside every layer.
+    cos, sin = jax.lax.optimization_barrier((cos.astype(x.dtype), sin.astype(x.dtype)))
     rows = jnp.arange(b)[:, None]
     new_caches = []
     for p, (ck, cv) in zip(w["layers"], caches):
         q, k, v = _qkv(rms_norm(x, p["ln1"], cfg.rms_norm_eps), p, cfg, cos, sin)
-        ck = ck.at[rows, q_pos].set(k.astype(ck.dtype), mode="drop")
-        cv = cv.at[rows, q_pos].set(v.astype(cv.dtype), mode="drop")
+        if b == 1:
+            # A plain dynamic-update-slice: XLA turns the general scatter into read-old / select /
+            # write to keep out-of-bounds writes dropped (two more kernels per k and v per layer on
+            # the latency-bound batch-1 path). Active rows always write inside the cache; a finished
+            # row at the very end is clamped onto its own last slot, whose contents no longer matter.
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, pos[0], 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, pos[0], 0, 0))
+        else:
+            ck = ck.at[rows, q_pos].set(k.astype(ck.dtype), mode="drop")
+            cv = cv.at[rows, q_pos].set(v.astype(cv.dtype), mode="drop")
         if impl == "pallas":  # the kernel skips blocks past each row's position by itself
             kk, vv = ck, cv
         else:
@@ -323,10 +333,18 @@ def _step_core(w, state, active, cfg, kv_len, impl, top_n):
     return new, out
 
 
-@partial(jax.jit, static_argnames=("cfg", "kv_len", "impl", "top_n"), donate_argnames=("state",))
-def decode_step(w, state, active, cfg: ModelConfig, kv_len: int, impl: str = "xla", top_n: int = 0):
-    """One decode step for every slot; inactive slots neither advance nor count."""
-    return _step_core(w, state, active, cfg, kv_len, impl, top_n)
+@partial(jax.jit, static_argnames=("cfg", "kv_len", "impl", "top_n", "n_steps"), donate_argnames=("state",))
+def decode_steps(w, state, active, cfg: ModelConfig, kv_len: int, impl: str = "xla", top_n: int = 0,
+                 n_steps: int = 1):
+    """`n_steps` decode steps for every slot in one dispatch; outputs are stacked [n_steps, B, ...].
+
+    Inactive slots neither advance nor count. The count is fixed (no early exit): a row that
+    stops inside the chunk keeps decoding until its end and the caller drops those tokens.
+    Several steps per dispatch amortise the host cost of a dispatch, which at batch 64 on an
+    H100 is larger than the GPU work of one step.
+    """
+    return jax.lax.scan(lambda st, _: _step_core(w, st, active, cfg, kv_len, impl, top_n), state, None,
+                        length=n_steps)
 
 
 @partial(jax.jit, static_argnames=("cfg", "impl", "top_n"), donate_argnames=("state",))
@@ -420,16 +438,16 @@ class Runner:
         self.pos[np.asarray(slots)] = lens
         return out
 
-    def kv_len_for(self, active: np.ndarray) -> int:
+    def kv_len_for(self, active: np.ndarray, n_steps: int = 1) -> int:
         maxpos = int(self.pos[active].max()) if active.any() else 0
-        return next_bucket(maxpos + 1, self.max_seq_len, self.min_kv_bucket)
+        return next_bucket(maxpos + n_steps, self.max_seq_len, self.min_kv_bucket)
 
-    def step(self, active: np.ndarray, top_n: int = 0) -> dict:
-        """One decode step (async: returns device arrays)."""
-        kv_len = self.kv_len_for(active)
-        self.state, out = decode_step(self.w, self.state, jnp.asarray(active), cfg=self.cfg, kv_len=kv_len,
-                                      impl=self.attn_impl, top_n=top_n)
-        self.pos[active] += 1
+    def step(self, active: np.ndarray, top_n: int = 0, n_steps: int = 1) -> dict:
+        """`n_steps` decode steps (async: returns device arrays stacked [n_steps, B, ...])."""
+        kv_len = self.kv_len_for(active, n_steps)
+        self.state, out = decode_steps(self.w, self.state, jnp.asarray(active), cfg=self.cfg, kv_len=kv_len,
+                                       impl=self.attn_impl, top_n=top_n, n_steps=n_steps)
+        self.pos[active] += n_steps
         return out
 
 

@@ -242,3 +242,28 @@ def test_chat_cli_with_piped_stdin(checkpoint):
         env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("assistant: ") == 2
+
+
+def test_decode_chunks_equal_single_steps(checkpoint):
+    """Several decode steps per dispatch (the default) give exactly the tokens, finish reasons and
+    stops of one step per dispatch, for requests that end inside a chunk (length or stop token)."""
+    cfg, params = load_hf(checkpoint)
+    prompts = [[1, 5, 9, 2], [3, 3, 7], [11, 4, 6, 8, 10], [2]]
+
+    def run(chunk, stop_for=None):
+        with Engine(params, cfg, None, max_batch=4, max_seq_len=MAX_SEQ, min_kv_bucket=MAX_SEQ,
+                    decode_chunk=chunk) as engine:
+            reqs = [engine.submit(p, SamplingParams(max_new_tokens=n, ignore_eos=True,
+                                                    stop_token_ids=[] if stop_for is None else [stop_for[i]]))
+                    for i, (p, n) in enumerate(zip(prompts, [1, 3, 9, 17]))]
+            out = [r.result() for r in reqs]
+            assert engine.num_active == 0
+        return [(ids, reason) for ids, _, reason in out]
+
+    single = run(1)
+    assert [len(ids) for ids, _ in single] == [1, 3, 9, 17]
+    assert run(8) == single
+    stops = [ids[min(2, len(ids) - 1)] for ids, _ in single]  # a token each request will meet
+    single_stop = run(1, stops)
+    assert any(reason == "stop" for _, reason in single_stop)
+    assert run(8, stops) == single_stop

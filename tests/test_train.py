@@ -79,6 +79,12 @@ def test_chunked_cross_entropy_equals_naive(chunk):
     sb, _ = chunked_cross_entropy(hidden.astype(jnp.bfloat16), weight, targets, chunk_size=chunk)
     assert sb.dtype == jnp.float32
     np.testing.assert_allclose(float(sb), float(s), rtol=2e-2)
+    # ... and its gradients (bf16 dlogits, bf16 matmuls) stay close to the fp32 ones, in each input's dtype
+    gh, gw = jax.grad(chunked, argnums=(0, 1))(hidden.astype(jnp.bfloat16), weight)
+    assert gh.dtype == jnp.bfloat16 and gw.dtype == jnp.float32
+    for a, b in zip((gh, gw), g2):
+        a, b = np.asarray(a, np.float32), np.asarray(b)
+        assert np.abs(a - b).max() <= 3e-2 * np.abs(b).max()
 
 
 # ---- optimizer -------------------------------------------------------------------------------------------
@@ -348,10 +354,10 @@ def test_speed_knobs_resolve_per_backend(monkeypatch):
     from smedjan.train.step import speed_knobs
 
     cfg = preset("125m")
-    assert speed_knobs(cfg) == ("none", 1024)  # CPU
-    assert speed_knobs(cfg, "full", 512) == ("full", 512)
+    assert speed_knobs(cfg) == ("none", 1024, 1)  # CPU
+    assert speed_knobs(cfg, "full", 512, 2) == ("full", 512, 2)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert speed_knobs(cfg) == ("dots", 16384)  # the H100-measured setting
+    assert speed_knobs(cfg) == ("dots", 16384, True)  # the H100-measured setting
     big_vocab = cfg.replace(vocab_size=128256)
-    remat, chunk = speed_knobs(big_vocab)
+    remat, chunk, _ = speed_knobs(big_vocab)
     assert chunk * big_vocab.vocab_size * 4 <= 2 ** 31 and chunk == 4096

@@ -13,6 +13,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from smedjan.config import ModelConfig
 from smedjan.model.attention import attention
@@ -94,7 +95,8 @@ def linear(x, w, b=None):
 def mlp(x, p):
     gate = linear(x, p["mlp.gate_proj.weight"])
     up = linear(x, p["mlp.up_proj.weight"])
-    return linear(jax.nn.silu(gate) * up, p["mlp.down_proj.weight"])
+    # Named so a remat policy can keep the SwiGLU product (re-deriving it reads all of gate and up).
+    return linear(checkpoint_name(jax.nn.silu(gate) * up, "mlp_act"), p["mlp.down_proj.weight"])
 
 
 def self_attention(x, p, cfg: ModelConfig, cos, sin, q_pos, cache_kv, segment_ids, impl):
@@ -127,7 +129,8 @@ def self_attention(x, p, cfg: ModelConfig, cos, sin, q_pos, cache_kv, segment_id
         out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), q_pos=q_pos, kv_pos=kv_pos,
                         sliding_window=cfg.sliding_window, impl=impl, decoding=True)
         new_cache = (ck, cv)
-    out = out.reshape(b, s, cfg.num_attention_heads * hd)
+    # Named so a remat policy can keep it: the attention kernel is then not re-run in the backward.
+    out = checkpoint_name(out.reshape(b, s, cfg.num_attention_heads * hd), "attn_out")
     return linear(out, p["self_attn.o_proj.weight"], p.get("self_attn.o_proj.bias")), new_cache
 
 
@@ -148,12 +151,14 @@ REMAT_POLICIES = {
 
 
 def forward(params: dict, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None, cache=None,
-            attn_impl: str = "xla", remat: str = "none", compute_dtype=None, return_hidden: bool = False):
+            attn_impl: str = "xla", remat: str = "none", compute_dtype=None, return_hidden: bool = False,
+            scan_unroll: int | bool = 1):
     """tokens [B, S] int32 -> logits [B, S, V] (or final hidden states [B, S, D]).
 
     positions: absolute positions [B, S] (default 0..S-1).
     cache: {"k", "v"} of [L, B, T, Hkv, D] from `init_cache`; when given, returns (out, new_cache).
     compute_dtype: cast weights and activations to this dtype (e.g. bf16 over fp32 master weights).
+    scan_unroll: `lax.scan`'s unroll of the layer loop (True: fully unrolled, one copy per layer).
     """
     b, s = tokens.shape
     if positions is None:
@@ -175,7 +180,7 @@ def forward(params: dict, tokens, cfg: ModelConfig, *, positions=None, segment_i
             raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}, got {remat!r}")
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
     cache_xs = None if cache is None else (cache["k"], cache["v"])
-    x, new_cache = jax.lax.scan(body, x, (layers, cache_xs))
+    x, new_cache = jax.lax.scan(body, x, (layers, cache_xs), unroll=scan_unroll)
     x = rms_norm(x, params["model.norm.weight"], cfg.rms_norm_eps)
     out = x if return_hidden else linear(x, lm_head(params, cfg))
     if cache is None:

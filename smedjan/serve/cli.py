@@ -28,7 +28,7 @@ def _engine(args, cfg, params, tok, max_seq_len, stops, max_batch):
     from smedjan.serve.engine import Engine
 
     return Engine(params, cfg, tok, max_batch=max_batch, max_seq_len=max_seq_len, max_queue=args.max_queue,
-                  attn_impl=args.attn_impl, stop_token_ids=stops)
+                  attn_impl=args.attn_impl, stop_token_ids=stops, decode_chunk=args.decode_chunk)
 
 
 def _warmup(engine, tok):
@@ -138,6 +138,8 @@ def _common_args(p):
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429s")
     p.add_argument("--attn-impl", default="xla", choices=["xla", "pallas"],
                    help="decode attention: xla, or the pallas kernel (GPU)")
+    p.add_argument("--decode-chunk", type=int, default=8,
+                   help="decode steps per dispatch (tokens then stream in bursts of up to this many)")
     add_sampling_args(p)
 
 

@@ -1,10 +1,18 @@
 """Cross-entropy from final hidden states without materialising [B, S, V] logits.
 
 The tokens are cut into chunks of `chunk_size`; a `lax.scan` computes each chunk's logits
-[chunk, V] in float32, its log-sum-exp and target logit, and keeps only the two scalars.
-The chunk body is wrapped in `jax.checkpoint`, so the backward pass recomputes the chunk's
-logits instead of storing them: peak memory is one [chunk, V] block instead of [B·S, V].
-The lm_head gradient accumulates in the weight's own (float32 master) dtype.
+[chunk, V] (hidden's dtype in, float32 accumulation), its log-sum-exp and target logit, and
+keeps only the two scalars: peak memory is one [chunk, V] block instead of [B·S, V].
+
+Under `jax.grad` the loss is a `custom_vjp` whose forward also computes the gradients, while
+each chunk's logits are still live: dlogits = softmax − onehot is cast to the compute dtype and
+fed to two matmuls (d hidden, d weight). Against plain autodiff of the chunk loop this saves
+re-computing the logits in the backward (3 vocabulary-sized matmuls instead of 4) and keeps the
+backward matmuls in bf16: autodiff of a float32-accumulating einsum carries float32 cotangents
+and runs them as tf32 GEMMs (measured on the H100: 125m at 16 × 1024 spent ~12 ms of a 42 ms
+step in the loss). The backward then only scales the stored gradients by the incoming
+cotangent (a scalar). The lm_head gradient accumulates in float32 and is returned in the
+weight's own dtype.
 """
 
 from __future__ import annotations
@@ -15,13 +23,8 @@ import jax.numpy as jnp
 IGNORE = -1  # targets below zero are not counted
 
 
-def chunked_cross_entropy(hidden, weight, targets, *, chunk_size: int = 1024):
-    """(sum of token losses, number of counted tokens), both float32/int32 scalars.
-
-    hidden [B, S, D] (any float dtype, e.g. bf16 compute), weight [V, D] (the lm_head / tied
-    embedding), targets [B, S] int (negative = ignore). Logits are hidden · weightᵀ, computed
-    in hidden's dtype with float32 accumulation, softmax in float32.
-    """
+def _chunked(hidden, targets, chunk_size):
+    """hidden [.., D], targets [..] -> ([n_chunks, c, D], [n_chunks, c], n_tokens)."""
     d = hidden.shape[-1]
     h = hidden.reshape(-1, d)
     t = targets.reshape(-1).astype(jnp.int32)
@@ -31,23 +34,70 @@ def chunked_cross_entropy(hidden, weight, targets, *, chunk_size: int = 1024):
     if pad:
         h = jnp.pad(h, ((0, pad), (0, 0)))
         t = jnp.pad(t, (0, pad), constant_values=IGNORE)
-    h = h.reshape(-1, c, d)
-    t = t.reshape(-1, c)
+    return h.reshape(-1, c, d), t.reshape(-1, c), n
 
-    @jax.checkpoint
-    def chunk_loss(w, h_c, t_c):
-        logits = jnp.einsum("nd,vd->nv", h_c, w.astype(h_c.dtype), preferred_element_type=jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        valid = t_c >= 0
-        tgt = jnp.take_along_axis(logits, jnp.where(valid, t_c, 0)[:, None], axis=-1)[:, 0]
-        return jnp.sum(jnp.where(valid, lse - tgt, 0.0)), jnp.sum(valid.astype(jnp.int32))
+
+def _chunk_stats(h_c, w, t_c):
+    """(logits f32 [c, V], lse [c], valid [c], safe targets [c], loss sum, count) of one chunk."""
+    logits = jnp.einsum("nd,vd->nv", h_c, w, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    valid = t_c >= 0
+    safe = jnp.where(valid, t_c, 0)
+    tgt = jnp.take_along_axis(logits, safe[:, None], axis=-1)[:, 0]
+    return logits, lse, valid, safe, jnp.sum(jnp.where(valid, lse - tgt, 0.0)), jnp.sum(valid.astype(jnp.int32))
+
+
+def _loss(hidden, weight, targets, chunk_size):
+    h, t, _ = _chunked(hidden, targets, chunk_size)
+    w = weight.astype(hidden.dtype)
 
     def body(carry, xs):
-        loss, count = chunk_loss(weight, *xs)
+        *_, loss, count = _chunk_stats(xs[0], w, xs[1])
         return (carry[0] + loss, carry[1] + count), None
 
     (loss, count), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), (h, t))
     return loss, count
+
+
+def _loss_fwd(hidden, weight, targets, chunk_size):
+    h, t, n = _chunked(hidden, targets, chunk_size)
+    w = weight.astype(hidden.dtype)
+    rows = jnp.arange(h.shape[1])
+
+    def body(carry, xs):
+        loss_acc, count_acc, dw = carry
+        h_c, t_c = xs
+        logits, lse, valid, safe, loss, count = _chunk_stats(h_c, w, t_c)
+        probs = jnp.exp(logits - lse[:, None])
+        dlogits = jnp.where(valid[:, None], probs.at[rows, safe].add(-1.0), 0.0).astype(h_c.dtype)
+        dh = jnp.einsum("nv,vd->nd", dlogits, w, preferred_element_type=jnp.float32).astype(h_c.dtype)
+        dw = dw + jnp.einsum("nv,nd->vd", dlogits, h_c, preferred_element_type=jnp.float32)
+        return (loss_acc + loss, count_acc + count, dw), dh
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros(weight.shape, jnp.float32))
+    (loss, count, dw), dh = jax.lax.scan(body, init, (h, t))
+    dh = dh.reshape(-1, hidden.shape[-1])[:n].reshape(hidden.shape)
+    return (loss, count), (dh, dw.astype(weight.dtype))
+
+
+def _loss_bwd(chunk_size, res, cts):
+    dh, dw = res
+    g = cts[0]  # the count output is an integer: no cotangent to carry
+    return (dh * g.astype(dh.dtype)), (dw * g.astype(dw.dtype)), None
+
+
+_loss_vjp = jax.custom_vjp(_loss, nondiff_argnums=(3,))
+_loss_vjp.defvjp(_loss_fwd, _loss_bwd)
+
+
+def chunked_cross_entropy(hidden, weight, targets, *, chunk_size: int = 1024):
+    """(sum of token losses, number of counted tokens), both float32/int32 scalars.
+
+    hidden [B, S, D] (any float dtype, e.g. bf16 compute), weight [V, D] (the lm_head / tied
+    embedding), targets [B, S] int (negative = ignore). Logits are hidden · weightᵀ, computed
+    in hidden's dtype with float32 accumulation, softmax in float32.
+    """
+    return _loss_vjp(hidden, weight, targets, int(chunk_size))
 
 
 def naive_cross_entropy(hidden, weight, targets):

@@ -139,14 +139,17 @@ def split_batch(batch) -> tuple[jax.Array, jax.Array]:
     return batch["inputs"], batch["targets"]
 
 
-def speed_knobs(model_cfg: ModelConfig, remat: str = "auto", loss_chunk: int | None = None) -> tuple[str, int]:
-    """Resolve remat="auto" and loss_chunk=None to the best measured setting for the backend.
+def speed_knobs(model_cfg: ModelConfig, remat: str = "auto", loss_chunk: int | None = None,
+                scan_unroll: int | bool | None = None) -> tuple[str, int, int | bool]:
+    """Resolve remat="auto", loss_chunk=None and scan_unroll=None to the best measured setting.
 
     On an H100 (benchmarks/RESULTS.md, 125m at 16 x 1024, same run): remat "dots" with
     16k-token loss chunks ran 345k tok/s against 264k for no remat with 1k chunks; saving only
     the matmul outputs and recomputing the elementwise work beats storing everything, and big
-    chunks keep the LM-head matmuls large. A chunk's fp32 logits are capped at 2 GiB. On CPU,
-    memory is the scarcer resource: no remat, 1k chunks.
+    chunks keep the LM-head matmuls large. A chunk's fp32 logits are capped at 2 GiB. A fully
+    unrolled layer loop then gave another +13% (the step becomes one CUDA graph, no per-layer
+    slicing of stacked weights and residuals). On CPU, memory and compile time are the scarcer
+    resources: no remat, 1k chunks, a rolled `lax.scan`.
     """
     gpu = jax.default_backend() == "gpu"
     if remat == "auto":
@@ -156,21 +159,23 @@ def speed_knobs(model_cfg: ModelConfig, remat: str = "auto", loss_chunk: int | N
         if gpu:
             while loss_chunk * 2 * model_cfg.vocab_size * 4 <= 2 ** 31 and loss_chunk < 16384:
                 loss_chunk *= 2
-    return remat, loss_chunk
+    if scan_unroll is None:
+        scan_unroll = True if gpu else 1
+    return remat, loss_chunk, scan_unroll
 
 
 def loss_and_count(params, inputs, targets, model_cfg, *, attn_impl="auto", remat="auto",
-                   compute_dtype=jnp.bfloat16, loss_chunk=None):
+                   compute_dtype=jnp.bfloat16, loss_chunk=None, scan_unroll=None):
     """(sum of token losses, counted tokens) of one batch, via the chunked cross-entropy."""
-    remat, loss_chunk = speed_knobs(model_cfg, remat, loss_chunk)
+    remat, loss_chunk, scan_unroll = speed_knobs(model_cfg, remat, loss_chunk, scan_unroll)
     hidden = forward(params, inputs, model_cfg, attn_impl=attn_impl, remat=remat,
-                     compute_dtype=compute_dtype, return_hidden=True)
+                     compute_dtype=compute_dtype, return_hidden=True, scan_unroll=scan_unroll)
     return chunked_cross_entropy(hidden, lm_head(params, model_cfg), targets, chunk_size=loss_chunk)
 
 
 def make_train_step(model_cfg: ModelConfig, optimizer, *, attn_impl: str = "auto", remat: str = "auto",
                     compute_dtype=jnp.bfloat16, grad_accum: int = 1, loss_chunk: int | None = None, mesh=None,
-                    param_dtype=jnp.float32, donate: bool = True):
+                    param_dtype=jnp.float32, donate: bool = True, scan_unroll: int | bool | None = None):
     """A jitted `step(state, batch) -> (state, metrics)`.
 
     batch: {"tokens": int32 [B, S+1]} (inputs = tokens[:, :-1], targets = tokens[:, 1:]) or
@@ -186,7 +191,7 @@ def make_train_step(model_cfg: ModelConfig, optimizer, *, attn_impl: str = "auto
     if grad_accum < 1:
         raise ValueError("grad_accum must be >= 1")
     lc = partial(loss_and_count, model_cfg=model_cfg, attn_impl=attn_impl, remat=remat,
-                 compute_dtype=compute_dtype, loss_chunk=loss_chunk)
+                 compute_dtype=compute_dtype, loss_chunk=loss_chunk, scan_unroll=scan_unroll)
     micro_spec = None
     if mesh is not None:
         from jax.sharding import NamedSharding
