@@ -4,8 +4,8 @@ Layout of the engine:
 
 * `prepare_params` turns the flat HF-named params into a decode-friendly form once:
   one dict per layer (no per-step slicing of stacked weights), q/k/v and gate/up fused
-  into single matrices (one GEMV instead of three / two), everything cast to the
-  compute dtype up front.
+  into single matrices (one GEMV instead of three / two) with the RMSNorm weight in
+  front of each folded in, everything cast to the compute dtype up front.
 * The KV cache is a tuple of per-layer (k, v) buffers [B, T, Hkv, D] ("slots": row b
   belongs to one sequence). The decode step is a python-unrolled layer loop, so each
   layer's cache is its own buffer, updated in place by a scatter (buffers donated):
@@ -131,13 +131,18 @@ def prepare_params(params: dict, cfg: ModelConfig, dtype=None) -> dict:
         def g(name):
             return lp[name][i].astype(dtype)
 
+        def normed(names, norm):
+            # The RMSNorm weight folded into the matrix that consumes the norm's output (in float32,
+            # rounded once): the step then scales the matmul's output by the norm's 1/rms and never
+            # materialises the normalised vector (one small kernel less per norm, per layer).
+            ln = lp[norm][i].astype(jnp.float32)
+            return jnp.concatenate([lp[n][i].astype(jnp.float32) * ln for n in names], axis=0).astype(dtype)
+
         layer = {
-            "ln1": g("input_layernorm.weight"),
-            "ln2": g("post_attention_layernorm.weight"),
-            "qkv": jnp.concatenate([g("self_attn.q_proj.weight"), g("self_attn.k_proj.weight"),
-                                    g("self_attn.v_proj.weight")], axis=0),
+            "qkv": normed(["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+                          "input_layernorm.weight"),
             "o": g("self_attn.o_proj.weight"),
-            "gate_up": jnp.concatenate([g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")], axis=0),
+            "gate_up": normed(["mlp.gate_proj.weight", "mlp.up_proj.weight"], "post_attention_layernorm.weight"),
             "down": g("mlp.down_proj.weight"),
         }
         if cfg.qkv_bias:
@@ -159,10 +164,21 @@ def param_bytes(w: dict) -> int:
 
 
 # ---- the model, decode-shaped -----------------------------------------------------------------------
+def _normed_linear(x, w, eps, b=None):
+    """rms_norm(x, ln) · wᵀ (+ b) for a `w` with the norm weight `ln` folded in (`prepare_params`):
+    the 1/rms factor is applied to the float32 matmul output."""
+    xf = x.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32) * inv_rms
+    y = y.astype(x.dtype)
+    return y if b is None else y + b.astype(x.dtype)
+
+
 def _qkv(x, p, cfg: ModelConfig, cos, sin):
+    """The attention input norm, the fused q/k/v projection, qk-norm and RoPE."""
     b, s, _ = x.shape
     hd, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-    qkv = linear(x, p["qkv"], p.get("qkv_b"))
+    qkv = _normed_linear(x, p["qkv"], cfg.rms_norm_eps, p.get("qkv_b"))
     q, k, v = jnp.split(qkv, [hq * hd, (hq + hkv) * hd], axis=-1)
     q, k, v = q.reshape(b, s, hq, hd), k.reshape(b, s, hkv, hd), v.reshape(b, s, hkv, hd)
     if cfg.qk_norm:
@@ -171,15 +187,12 @@ def _qkv(x, p, cfg: ModelConfig, cos, sin):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def _mlp(x, p, f):
-    gu = linear(x, p["gate_up"])
-    return linear(jax.nn.silu(gu[..., :f]) * gu[..., f:], p["down"])
-
-
 def _finish_layer(x, attn_out, p, cfg):
     b, s = attn_out.shape[:2]
     x = x + linear(attn_out.reshape(b, s, -1), p["o"], p.get("o_b"))
-    return x + _mlp(rms_norm(x, p["ln2"], cfg.rms_norm_eps), p, cfg.intermediate_size)
+    gu = _normed_linear(x, p["gate_up"], cfg.rms_norm_eps)
+    f = cfg.intermediate_size
+    return x + linear(jax.nn.silu(gu[..., :f]) * gu[..., f:], p["down"])
 
 
 def _decode_forward(w, cfg: ModelConfig, caches, tokens, pos, active, kv_len: int, impl: str):
@@ -193,7 +206,7 @@ def _decode_forward(w, cfg: ModelConfig, caches, tokens, pos, active, kv_len: in
     rows = jnp.arange(b)[:, None]
     new_caches = []
     for p, (ck, cv) in zip(w["layers"], caches):
-        q, k, v = _qkv(rms_norm(x, p["ln1"], cfg.rms_norm_eps), p, cfg, cos, sin)
+        q, k, v = _qkv(x, p, cfg, cos, sin)
         if b == 1:
             # A plain dynamic-update-slice: XLA turns the general scatter into read-old / select /
             # write to keep out-of-bounds writes dropped (two more kernels per k and v per layer on
@@ -231,7 +244,7 @@ def _prefill_forward(w, cfg: ModelConfig, caches, tokens, lens, slots, impl: str
     prefill_impl = "xla" if impl == "pallas" and jax.default_backend() != "gpu" else impl
     new_caches = []
     for p, (ck, cv) in zip(w["layers"], caches):
-        q, k, v = _qkv(rms_norm(x, p["ln1"], cfg.rms_norm_eps), p, cfg, cos, sin)
+        q, k, v = _qkv(x, p, cfg, cos, sin)
         ck = ck.at[slots[:, None], positions].set(k.astype(ck.dtype), mode="drop")
         cv = cv.at[slots[:, None], positions].set(v.astype(cv.dtype), mode="drop")
         out = attention(q, k, v, q_pos=positions, kv_pos=positions, sliding_window=cfg.sliding_window,

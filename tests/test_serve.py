@@ -142,8 +142,17 @@ def test_32_concurrent_requests_match_sequential(server, client):
     _wait_idle(server["engine"])
 
 
-def test_disconnect_mid_stream_frees_slot(server):
+def test_disconnect_mid_stream_frees_slot(server, monkeypatch):
     engine = server["engine"]
+    # The tiny CPU model would finish all 50 tokens before the server even notices the disconnect;
+    # 20 ms per decode step makes the run long (1 s) against the detection latency.
+    step = engine.runner.step
+
+    def slow_step(active, top_n=0, n_steps=1):
+        time.sleep(0.02 * n_steps)
+        return step(active, top_n=top_n, n_steps=n_steps)
+
+    monkeypatch.setattr(engine.runner, "step", slow_step)
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 50, "stream": True, "ignore_eos": True,
             "temperature": 0}
     headers = {"Authorization": f"Bearer {API_KEY}"}
