@@ -8,17 +8,10 @@ back-to-back calls (rotating over 3 fresh random input sets so the numbers
 are not an L2/zeros artefact), block_until_ready once at the end, and take the
 median over ``reps`` such batches.  All implementations run in one process.
 
-Rows for this kernel: ``pallas`` (split backward: separate dq and dk/dv
-kernels, 7 block matmuls per tile pair, deterministic), ``pallas_fused`` (one
-backward kernel, dq by fp32 atomics, 5 matmuls; the default) and
-``pallas_fused_relaxed`` (the same with relaxed-order atomics).  Their
-forwards are one kernel, so the fused rows are timed for fwd+bwd only.
-
   PYTHONPATH=. python3 benchmarks/attention.py                # full table
   PYTHONPATH=. python3 benchmarks/attention.py --json out.json
   PYTHONPATH=. python3 benchmarks/attention.py --sweep        # tune blocks
-  PYTHONPATH=. python3 benchmarks/attention.py --sweep --bwd-impl split
-  PYTHONPATH=. python3 benchmarks/attention.py --impls pallas,pallas_fused \
+  PYTHONPATH=. python3 benchmarks/attention.py --impls pallas,xla \
       --seqs 128 --batch 1 --heads 2 --dim 64 --gqa '' --iters 1 --reps 1
       # CPU smoke test (interpret mode; the numbers mean nothing)
 """
@@ -69,12 +62,7 @@ def impls(causal, Hq, Hkv, pallas_kw=None):
   pallas_kw = pallas_kw or {}
   out = {
       "pallas": lambda q, k, v: flash_attention(
-          q, k, v, causal=causal, **{"bwd_impl": "split", **pallas_kw}),
-      "pallas_fused": lambda q, k, v: flash_attention(
-          q, k, v, causal=causal, **{"bwd_impl": "fused", **pallas_kw}),
-      "pallas_fused_relaxed": lambda q, k, v: flash_attention(
-          q, k, v, causal=causal,
-          **{"bwd_impl": "fused", "relaxed_atomics": True, **pallas_kw}),
+          q, k, v, causal=causal, **pallas_kw),
       "cudnn": lambda q, k, v: jax.nn.dot_product_attention(
           q, k, v, is_causal=causal, implementation="cudnn"),
       "xla": lambda q, k, v: jax.nn.dot_product_attention(
@@ -93,10 +81,6 @@ def impls(causal, Hq, Hkv, pallas_kw=None):
   except Exception as e:  # pragma: no cover
     print("jax mha unavailable:", e, file=sys.stderr)
   return out
-
-
-# Implementations whose forward is another row's forward kernel.
-SAME_FWD = {"pallas_fused": "pallas", "pallas_fused_relaxed": "pallas"}
 
 
 def fwd_fn(f):
@@ -123,8 +107,6 @@ def run_case(B, S, Hq, Hkv, D, causal, which, iters, reps, pallas_kw=None):
     if which and name not in which:
       continue
     for mode, mk, mult in (("fwd", fwd_fn, 1.0), ("fwd+bwd", fwdbwd_fn, 3.5)):
-      if name in SAME_FWD and mode == "fwd":
-        continue  # the forward kernel is the same as SAME_FWD[name]'s
       if name == "xla" and S * S * B * Hq * 4 > 16e9:
         res = dict(status="skipped (S^2 scores do not fit)")
       else:
@@ -157,11 +139,9 @@ def table(rows):
   return "\n".join(lines)
 
 
-def sweep(S, B, H, D, iters, reps, bwd_impl="fused", relaxed=False):
-  """Forward then backward block/warps/stages sweep at one shape.
-
-  The backward sweep times fwd+bwd of ``bwd_impl`` with the best forward.
-  """
+def sweep(S, B, H, D, iters, reps):
+  """Forward then backward block/warps/stages sweep at one shape (the
+  backward sweep times fwd+bwd with the best forward)."""
   args = make_inputs(B, S, H, H, D)
   fl = flops(B, S, H, D, True)
   best_f = None
@@ -186,7 +166,7 @@ def sweep(S, B, H, D, iters, reps, bwd_impl="fused", relaxed=False):
     if bq * bk >= 128 * 128 and w == 4:
       continue
     kw = dict(best_f[1], block_q_bwd=bq, block_k_bwd=bk, num_warps_bwd=w,
-              num_stages_bwd=st, bwd_impl=bwd_impl, relaxed_atomics=relaxed)
+              num_stages_bwd=st)
     f = lambda q, k, v, kw=kw: flash_attention(q, k, v, causal=True, **kw)
     try:
       t = bench(fwdbwd_fn(f), args, iters=iters, reps=reps)
@@ -209,19 +189,12 @@ def main():
   p.add_argument("--gqa", type=str, default="32,8",
                  help="Hq,Hkv for the extra GQA case at S=4096 ('' = none)")
   p.add_argument("--impls", type=str, default="",
-                 help="comma list among pallas (split backward), "
-                      "pallas_fused, pallas_fused_relaxed (fused backward; "
-                      "fwd+bwd only), cudnn, xla, jax_mha")
+                 help="comma list among pallas, cudnn, xla, jax_mha")
   p.add_argument("--iters", type=int, default=10)
   p.add_argument("--reps", type=int, default=7)
   p.add_argument("--json", type=str, default="")
   p.add_argument("--sweep", action="store_true")
   p.add_argument("--sweep-seq", type=int, default=4096)
-  p.add_argument("--bwd-impl", choices=("fused", "split"), default="fused",
-                 help="backward that --sweep tunes (--configs entries take "
-                      "'bwd_impl' / 'relaxed_atomics' keys instead)")
-  p.add_argument("--relaxed-atomics", action="store_true",
-                 help="--sweep with --bwd-impl fused: relaxed dq atomics")
   p.add_argument("--configs", type=str, default="",
                  help="JSON list of flash_attention kwargs to time at "
                       "--sweep-seq (fwd and fwd+bwd), e.g. '[{\"block_q\": 128}]'")
@@ -229,8 +202,7 @@ def main():
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__,
         flush=True)
   if a.sweep:
-    sweep(a.sweep_seq, a.batch, a.heads, a.dim, a.iters, a.reps,
-          a.bwd_impl, a.relaxed_atomics)
+    sweep(a.sweep_seq, a.batch, a.heads, a.dim, a.iters, a.reps)
     return
   if a.configs:
     args = make_inputs(a.batch, a.sweep_seq, a.heads, a.heads, a.dim)

@@ -22,22 +22,10 @@ Design, top to bottom:
 * Masked scores are set to a large *finite* negative value rather than -inf,
   so a row that sees nothing in a block never produces inf - inf = NaN.
 * Backward (``jax.custom_vjp``): delta = rowsum(dO * O) is a cheap fused XLA
-  reduction; then one of two implementations (``bwd_impl``):
-
-  - ``"fused"`` (default): ONE kernel, one program per (kv block, batch, kv
-    head).  It walks the q blocks of every q head in its GQA group, keeps dK
-    and dV for its kv block in registers, and adds each dQ tile (dS K) into a
-    zero-initialised fp32 [B, S, Hq, D] buffer with an atomic add.  5 block
-    matmuls per (q, kv) tile pair (QK^T, dO V^T, P^T dO, dS^T Q, dS K), as in
-    FlashAttention-2.  The order of the fp32 additions into dq depends on
-    scheduling, so dq is not bitwise deterministic across runs.
-  - ``"split"``: two kernels, dq (per q block, walks kv blocks) and dk/dv (per
-    kv block and kv head, walks the q blocks of its group).  Each recomputes
-    QK^T and dO V^T: 7 block matmuls per tile pair, but no atomics and
-    bitwise deterministic.
-
-  Both sum GQA gradients for dk/dv in registers, not in HBM, and never write
-  an S x T matrix to HBM.
+  reduction; then two kernels, dq (per q block, walks kv blocks) and dk/dv
+  (per kv block and kv head, walks the q blocks of every q head in its group,
+  so GQA gradients are summed in registers, not in HBM).  No S x T matrix is
+  ever written to HBM.
 * The softmax runs in base 2: p = exp2(s * c - m * c) with c = sm_scale *
   log2(e), which compiles to one FMA + ex2 per score.
 """
@@ -51,99 +39,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._compat import (block_spec, next_pow2, resolve_interpret,
                                     round_up, triton_params)
-
-
-def _atomic_add(ref, idx, val, relaxed=False):
-  """``ref[idx] += val`` as an atomic read-modify-write (fused backward's dq).
-
-  jax 0.10 and 0.11 export it from the Triton module as
-  ``plgpu.atomic_add(ref, idx, val, *, mask=None)``; older releases had the
-  same function as ``pl.atomic_add``.  The Triton lowering emits one
-  ``tt.atomic_rmw fadd, acq_rel, gpu`` over the [rows, D] tile of pointers.
-  In interpret mode the primitive (``atomic_rmw``) is discharged into a plain
-  read-add-write (``_atomic_rmw_discharge_rule``), which is exact because the
-  interpreter runs the grid as a sequential loop.  That rule supports neither
-  ``mask`` nor indexers that mix arrays and slices; the fused kernel uses
-  neither (its blocks tile the padded arrays exactly).
-
-  ``relaxed=True`` emits the same op with *relaxed* memory order (what CUDA's
-  atomicAdd does) through a private-API primitive, see _relaxed_atomic_add.
-  """
-  if relaxed:
-    return _relaxed_atomic_add(ref, idx, val)
-  fn = getattr(plgpu, "atomic_add", None) or getattr(pl, "atomic_add", None)
-  if fn is None:
-    raise NotImplementedError("this jax has no Pallas atomic_add; use "
-                              "flash_attention(..., bwd_impl='split')")
-  return fn(ref, idx, val)
-
-
-def _make_relaxed_atomic_add():
-  """Build an atomic fp32 add with relaxed memory order, or return the error.
-
-  Pallas' Triton lowering gives every atomic acquire-release semantics (no
-  knob).  Ordering is useless for a pure accumulation (the kernel boundary
-  orders dq for its readers), and a Triton flash-attention backward was
-  reported 2x faster with relaxed dq atomics (Dao-AILab/flash-attention
-  issue 1031; not measured here yet).  This clones the ``atomic_rmw``
-  primitive: same abstract eval and interpret-mode discharge rule, and a
-  Triton lowering that runs jax's own rule with ``semantic=RELAXED``.
-  Everything used here is private jax API (written against jax 0.10.2, where
-  the CPU tests exercise the discharge and the Triton IR shows ``fadd,
-  relaxed``), hence opt-in, and unavailable rather than broken elsewhere.
-  """
-  try:
-    from jax._src import core as jax_core
-    from jax._src import tree_util
-    from jax._src.lib.triton import dialect as tt_dialect
-    from jax._src.pallas.triton import lowering as tl
-    from jax._src.pallas.triton import primitives as tp
-    from jax._src.state import discharge as state_discharge
-    from jax._src.state import primitives as state_primitives
-
-    relaxed = tt_dialect.MemSemantic.RELAXED
-    orig_rmw = tl._atomic_rmw
-    prim = jax_core.Primitive("atomic_rmw_relaxed")
-    prim.def_effectful_abstract_eval(tp._atomic_abstract_eval)
-    state_discharge.register_discharge_rule(prim)(
-        tp._atomic_rmw_discharge_rule)
-
-    @tl.register_lowering(prim)
-    def _lowering(ctx, *args, **params):
-      # jax's rule calls ``lowering._atomic_rmw(op, ptr, val, mask=mask)``;
-      # swap in a relaxed default for the duration of this one call.
-      tl._atomic_rmw = functools.partial(orig_rmw, semantic=relaxed)
-      try:
-        return tp._atomic_lowering_rule(ctx, *args, **params)
-      finally:
-        tl._atomic_rmw = orig_rmw
-
-    def atomic_add(ref, idx, val):
-      ref, transforms = state_primitives.get_ref_and_transforms(
-          ref, idx, "atomic_rmw")
-      flat, tree = tree_util.tree_flatten((ref, transforms, val, None))
-      return prim.bind(*flat, args_tree=tree,
-                       atomic_type=tp.AtomicOpType.ADD)
-
-    return atomic_add, None
-  except (ImportError, AttributeError, TypeError, ValueError) as e:
-    return None, e  # a jax whose internals differ: opt-in unavailable
-
-
-_relaxed_atomic_add_impl, _RELAXED_ATOMIC_ERROR = _make_relaxed_atomic_add()
-
-
-def _relaxed_atomic_add(ref, idx, val):
-  if _relaxed_atomic_add_impl is None:
-    raise NotImplementedError(
-        "relaxed_atomics=True needs private jax Pallas/Triton internals that "
-        f"this jax lacks ({_RELAXED_ATOMIC_ERROR!r}); use the default")
-  return _relaxed_atomic_add_impl(ref, idx, val)
-
 
 f32 = jnp.float32
 MASK_VALUE = -1e30  # finite: masked - masked = 0, never NaN
@@ -168,8 +66,6 @@ class _Cfg:
   warps_bwd: int
   stages_bwd: int
   interpret: bool
-  bwd_impl: str  # "fused" (one kernel, atomic fp32 dq) or "split"
-  relaxed_atomics: bool  # fused: relaxed (not acq_rel) order for dq atomics
 
 
 # ----------------------------------------------------------------------------
@@ -446,107 +342,14 @@ def _dkdv_kernel(*refs, cfg: _Cfg, has_seg: bool, nq: int, nk: int):
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _fused_bwd_kernel(*refs, cfg: _Cfg, has_seg: bool, nq: int, nk: int):
-  """dk, dv for one kv block (registers) and its dq contributions (atomics)."""
-  if has_seg:
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, sq_ref, sk_ref,
-     _, dq_ref, dk_ref, dv_ref) = refs
-  else:
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, _, dq_ref, dk_ref,
-     dv_ref) = refs
-  # The unnamed ref is the zero fp32 dq buffer as an *input*; it aliases the
-  # output dq_ref.  Only dq_ref is touched: on GPU both are one buffer, and in
-  # interpret mode only the output copy is carried across grid steps.
-  bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
-  ki = pl.program_id(0)
-  c = cfg.sm_scale * LOG2E
-  k = k_ref[...]
-  v = v_ref[...]
-  k_pos = ki * bk + jnp.arange(bk)
-  seg_k = sk_ref[...] if has_seg else None
-  lo, lo_full, hi_full, hi = _q_ranges(ki, cfg, bq, bk, nq, has_seg)
-
-  def group_body(g, carry):
-    # q_ref/do_ref/dq_ref hold the whole group of q heads of this kv head.
-    def body(qb, carry, masked):
-      dk, dv = carry
-      start = pl.multiple_of(qb * bq, bq)
-      q = q_ref[pl.ds(start, bq), g, :]
-      do = do_ref[pl.ds(start, bq), g, :]
-      lse = lse_ref[g, pl.ds(start, bq)]
-      delta = delta_ref[g, pl.ds(start, bq)]
-      s = _dot_nt(q, k)  # [bq, bk]
-      if masked:
-        seg_q = sq_ref[pl.ds(start, bq)] if has_seg else None
-        s = jnp.where(_mask(start + jnp.arange(bq), k_pos, cfg, seg_q, seg_k),
-                      s, MASK_VALUE)
-      p = jnp.exp2(s * c - lse[:, None])
-      dv = dv + _dot_tn(p.astype(do.dtype), do)
-      dp = _dot_nt(do, v)
-      ds = (p * (dp - delta[:, None])).astype(q.dtype)
-      dk = dk + _dot_tn(ds, q)
-      # sm_scale is applied to the whole of dq outside the kernel.
-      _atomic_add(dq_ref, (pl.ds(start, bq), g, slice(None)), _dot(ds, k),
-                  relaxed=cfg.relaxed_atomics)
-      return dk, dv
-
-    return _two_phase_loop(lo, lo_full, hi_full, hi, body, carry)
-
-  D = k.shape[-1]
-  zeros = jnp.zeros((bk, D), f32)
-  dk, dv = lax.fori_loop(0, cfg.group, group_body, (zeros, zeros))
-  dk_ref[...] = (dk * cfg.sm_scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
-
-
-def _fused_bwd_call(q, k, v, seg, delta, lse, do, cfg: _Cfg):
-  B, Sp, _, D = q.shape
-  Tp, Hkv = k.shape[1], k.shape[2]
-  bq, bk, G = cfg.block_q_bwd, cfg.block_k_bwd, cfg.group
-  nq, nk = Sp // bq, Tp // bk
-  has_seg = seg is not None
-  # One program per (kv block, batch, kv head), kv block fastest: under a
-  # causal mask the first kv blocks of each head (the most q blocks) start
-  # first.  Consecutive kv blocks start their q loops at different q blocks,
-  # so concurrent programs rarely add into the same dq rows.
-  group_spec = block_spec((None, Sp, G, D), lambda i, b, h: (b, 0, h, 0))
-  kv_spec = block_spec((None, bk, None, D), lambda i, b, h: (b, i, h, 0))
-  in_specs = [
-      group_spec, kv_spec, kv_spec, group_spec,
-      block_spec((None, G, Sp), lambda i, b, h: (b, h, 0)),
-      block_spec((None, G, Sp), lambda i, b, h: (b, h, 0)),
-  ]
-  args = [q, k, v, do, lse, delta]
-  if has_seg:
-    in_specs += [block_spec((None, Sp), lambda i, b, h: (b, 0)),
-                 block_spec((None, bk), lambda i, b, h: (b, i))]
-    args += [seg, seg]
-  # The fp32 dq accumulator: zeros in, aliased to output 0.
-  in_specs.append(group_spec)
-  args.append(jnp.zeros(q.shape, f32))
-  dq, dk, dv = pl.pallas_call(
-      functools.partial(_fused_bwd_kernel, cfg=cfg, has_seg=has_seg, nq=nq,
-                        nk=nk),
-      grid=(nk, B, Hkv),
-      in_specs=in_specs,
-      out_specs=[group_spec, kv_spec, kv_spec],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, f32),
-                 jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      input_output_aliases={len(args) - 1: 0},
-      compiler_params=triton_params(cfg.warps_bwd, cfg.stages_bwd),
-      interpret=cfg.interpret,
-      name="flash_bwd_fused",
-  )(*args)
-  return (dq * cfg.sm_scale).astype(q.dtype), dk, dv
-
-
-def _split_bwd_call(q, k, v, seg, delta, lse, do, cfg: _Cfg):
+def _bwd_call(q, k, v, seg, o, lse, do, cfg: _Cfg):
   B, Sp, Hq, D = q.shape
   Tp, Hkv = k.shape[1], k.shape[2]
   bq, bk, G = cfg.block_q_bwd, cfg.block_k_bwd, cfg.group
   nq, nk = Sp // bq, Tp // bk
   has_seg = seg is not None
+  # delta_i = sum_d dO_id * O_id: one fused elementwise+reduce pass in XLA.
+  delta = jnp.einsum("bshd,bshd->bhs", o.astype(f32), do.astype(f32))
   params = triton_params(cfg.warps_bwd, cfg.stages_bwd)
 
   # dq: one program per (q block, batch, q head).
@@ -603,14 +406,6 @@ def _split_bwd_call(q, k, v, seg, delta, lse, do, cfg: _Cfg):
   return dq, dk, dv
 
 
-def _bwd_call(q, k, v, seg, o, lse, do, cfg: _Cfg):
-  # delta_i = sum_d dO_id * O_id: one fused elementwise+reduce pass in XLA.
-  delta = jnp.einsum("bshd,bshd->bhs", o.astype(f32), do.astype(f32))
-  if cfg.bwd_impl == "fused":
-    return _fused_bwd_call(q, k, v, seg, delta, lse, do, cfg)
-  return _split_bwd_call(q, k, v, seg, delta, lse, do, cfg)
-
-
 # ----------------------------------------------------------------------------
 # custom_vjp glue
 # ----------------------------------------------------------------------------
@@ -636,22 +431,13 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ----------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------
-BWD_IMPLS = ("fused", "split")
-
-
-def _default_blocks(D, bwd_impl="fused"):
+def _default_blocks(D):
   """Tuned on H100 bf16 (see benchmarks/KERNEL_NOTES.md)."""
   # (block_q, block_k, num_warps, num_stages).  D=128 values are the winners
   # of the sweep at S=4096 (fwd 408 TF/s, fwd+bwd 338 TF/s); D=64 reuses them.
   if D <= 128:
     fwd = (128, 64, 4, 2)
     bwd = (64, 64, 4, 2)
-    if bwd_impl == "fused":
-      # Not yet swept on the GPU.  The fused kernel holds dK and dV [bk, D]
-      # fp32 (128 registers/thread at 64x128 with 4 warps) plus the dQ tile
-      # [bq, D] fp32 and the [bq, bk] score tiles: 8 warps keep that under
-      # the 255-register limit without shrinking the tiles.
-      bwd = (64, 64, 8, 2)
   else:
     fwd = (64, 32, 4, 2)
     bwd = (32, 32, 4, 1)
@@ -663,27 +449,19 @@ def _default_blocks(D, bwd_impl="fused"):
     static_argnames=("causal", "sliding_window", "sm_scale", "block_q",
                      "block_k", "interpret", "block_q_bwd", "block_k_bwd",
                      "num_warps", "num_stages", "num_warps_bwd",
-                     "num_stages_bwd", "bwd_impl", "relaxed_atomics"))
+                     "num_stages_bwd"))
 def flash_attention(q, k, v, *, causal=True, sliding_window=None,
                     segment_ids=None, sm_scale=None, block_q=None,
                     block_k=None, interpret=None, block_q_bwd=None,
                     block_k_bwd=None, num_warps=None, num_stages=None,
-                    num_warps_bwd=None, num_stages_bwd=None, bwd_impl=None,
-                    relaxed_atomics=False):
+                    num_warps_bwd=None, num_stages_bwd=None):
   """Fused attention.  q [B,S,Hq,D], k/v [B,T,Hkv,D] -> [B,S,Hq,D].
 
   causal: query i sees keys j <= i (top-left aligned when S != T).
   sliding_window=W: query i sees keys i - W < j <= i (implies causal).
   segment_ids: int32 [B, S] (requires S == T); attend within equal ids.
   sm_scale: defaults to 1/sqrt(D).
-  bwd_impl: backward kernel(s), "fused" (default: one kernel, dq summed with
-    fp32 atomics, not bitwise deterministic) or "split" (separate dq and dk/dv
-    kernels: more matmuls, deterministic).
-  The extra keyword arguments after ``interpret`` are tuning knobs; the
-  ``*_bwd`` ones apply to whichever backward ``bwd_impl`` selects (each has
-  its own defaults).  ``relaxed_atomics=True`` (fused backward only) issues
-  the dq atomics with relaxed instead of acquire-release memory order; it
-  relies on private jax internals (see ``_make_relaxed_atomic_add``).
+  The extra keyword arguments after ``interpret`` are tuning knobs.
   """
   B, S, Hq, D = q.shape
   Bk, T, Hkv, Dk = k.shape
@@ -695,16 +473,12 @@ def flash_attention(q, k, v, *, causal=True, sliding_window=None,
     raise ValueError("segment_ids must be [B, S] with S == T")
   if sliding_window is not None and sliding_window < 1:
     raise ValueError("sliding_window must be >= 1")
-  bwd_impl = "fused" if bwd_impl is None else bwd_impl
-  if bwd_impl not in BWD_IMPLS:
-    raise ValueError(f"bwd_impl must be one of {BWD_IMPLS}, got {bwd_impl!r}")
   interpret = resolve_interpret(interpret)
   sm_scale = float(D ** -0.5 if sm_scale is None else sm_scale)
   k = k.astype(q.dtype)
   v = v.astype(q.dtype)
 
-  (dbq, dbk, dw, dst), (dbqb, dbkb, dwb, dstb) = _default_blocks(
-      D, bwd_impl)
+  (dbq, dbk, dw, dst), (dbqb, dbkb, dwb, dstb) = _default_blocks(D)
   # Never use blocks (much) larger than the sequence; keep powers of two >= 16
   # (tensor-core dot minimum in the Triton lowering).
   cap_q = max(16, next_pow2(S))
@@ -741,7 +515,6 @@ def flash_attention(q, k, v, *, causal=True, sliding_window=None,
       block_q=bq, block_k=bk, block_q_bwd=bqb, block_k_bwd=bkb,
       warps_fwd=num_warps or dw, stages_fwd=num_stages or dst,
       warps_bwd=num_warps_bwd or dwb, stages_bwd=num_stages_bwd or dstb,
-      interpret=interpret, bwd_impl=bwd_impl,
-      relaxed_atomics=bool(relaxed_atomics))
+      interpret=interpret)
   out = _flash(pad(q, Sp), pad(k, Tp), pad(v, Tp), seg, cfg)
   return out[:, :S, :, :D]

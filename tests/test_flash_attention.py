@@ -2,10 +2,9 @@
 
 CPU (CI): Pallas interpret mode on small shapes.  Interpret mode fills output
 buffers with NaN before the kernel runs, so any tile the kernel fails to write
-shows up as NaN and fails the finiteness check.  The fused backward's dq is
-the exception: it accumulates into a buffer that starts at zero, so every
-gradient is also compared block by block (16 rows x 1 head), and a block
-that is missing its contributions fails even when the global error is small.
+shows up as NaN and fails the finiteness check.  Every gradient is also
+compared block by block (16 rows x 1 head), so a block that is missing its
+contributions fails even when the global error is small.
 GPU tests (``-m gpu``) run the compiled Triton kernels on realistic shapes.
 """
 import functools
@@ -71,7 +70,7 @@ def _segments(seed, B, S, n=3):
   return jnp.asarray(np.sort(ids, axis=1).astype(np.int32))  # packed docs
 
 
-@functools.lru_cache(maxsize=4)  # shared by the bwd_impl variants of a case
+@functools.lru_cache(maxsize=4)
 def _reference(seed, B, S, Hq, Hkv, D, dtype, T, causal, window, seg,
                sm_scale):
   """fp32 reference output and (dq, dk, dv) for _check's inputs (numpy)."""
@@ -93,16 +92,11 @@ def _reference(seed, B, S, Hq, Hkv, D, dtype, T, causal, window, seg,
 
 def _check(seed, B, S, Hq, Hkv, D, dtype, *, causal=True, window=None,
            seg=False, sm_scale=None, bq=32, bk=32, grads=True, T=None,
-           tol=None, bwd_impl=None):
-  # bwd_impl "fused_relaxed" = fused backward with relaxed_atomics=True.
+           tol=None):
   q, k, v, do = _inputs(seed, B, S, Hq, Hkv, D, dtype, T)
   segment_ids = _segments(seed, B, S) if seg else None
   kw = dict(causal=causal, sliding_window=window, segment_ids=segment_ids,
             sm_scale=sm_scale)
-  if bwd_impl == "fused_relaxed":
-    kw.update(bwd_impl="fused", relaxed_atomics=True)
-  else:
-    kw.update(bwd_impl=bwd_impl)
   f = lambda q, k, v: flash_attention(q, k, v, block_q=bq, block_k=bk,
                                       block_q_bwd=bq, block_k_bwd=bk, **kw)
   if tol is None:
@@ -160,24 +154,16 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("bwd_impl", ["fused", "split"])
 @pytest.mark.parametrize("seed,name,kw", [(i, n, kw) for i, (n, kw)
                                           in enumerate(CASES)],
                          ids=[n for n, _ in CASES])
-def test_flash_attention_fwd_bwd(seed, name, kw, bwd_impl):
-  _check(seed + 17, bwd_impl=bwd_impl, **kw)
-
-
-def test_flash_attention_fused_relaxed_atomics():
-  # The relaxed-order dq atomics are a separate (private-API) primitive with
-  # its own interpret-mode discharge: check it on a GQA + window + ragged case.
-  _check(41, B=1, S=72, Hq=4, Hkv=2, D=64, dtype=jnp.float32, window=24,
-         bq=16, bk=32, bwd_impl="fused_relaxed")
+def test_flash_attention_fwd_bwd(seed, name, kw):
+  _check(seed + 17, **kw)
 
 
 def test_block_errs_ok_catches_a_missing_block():
-  # The fused backward's dq starts at zero: a q block that never receives its
-  # contributions must fail even though the global relative error is small.
+  # A q block that never receives its contributions must fail even though the
+  # global relative error is small.
   ref = np.random.default_rng(3).standard_normal((2, 250, 4, 64))
   assert block_errs_ok(ref * (1 + 1e-4), ref, 1e-3)[0]
   out = ref.copy()
@@ -185,12 +171,6 @@ def test_block_errs_ok_catches_a_missing_block():
   assert rel_err(out, ref) < 0.1
   ok, bad = block_errs_ok(out, ref, 1e-3)
   assert not ok and bad == [[1, 3, 2]]
-
-
-def test_flash_attention_rejects_bad_bwd_impl():
-  q, k, v, _ = _inputs(0, 1, 16, 2, 2, 64, jnp.float32)
-  with pytest.raises(ValueError):
-    flash_attention(q, k, v, bwd_impl="atomic")
 
 
 def test_flash_attention_default_blocks_cross_lengths():
@@ -249,31 +229,22 @@ def test_gpu_flash_attention_fwd(S, causal, window, Hq, Hkv):
          causal=causal, window=window, bq=None, bk=None, grads=False)
 
 
-GPU_BWD_IMPLS = ["fused", "fused_relaxed", "split"]
-
-
-@pytest.mark.parametrize("bwd_impl", GPU_BWD_IMPLS)
 @pytest.mark.parametrize("S,D,window,seg,Hkv", [
     (1024, 128, None, False, 2), (2048, 64, None, False, 4),
     (1000, 128, 256, False, 4), (1024, 128, None, True, 4)])
 @gpu[0]
 @gpu[1]
-def test_gpu_flash_attention_fwd_bwd(S, D, window, seg, Hkv, bwd_impl):
+def test_gpu_flash_attention_fwd_bwd(S, D, window, seg, Hkv):
   _check(S + D, B=2, S=S, Hq=4, Hkv=Hkv, D=D, dtype=jnp.bfloat16,
-         window=window, seg=seg, bq=None, bk=None, bwd_impl=bwd_impl)
+         window=window, seg=seg, bq=None, bk=None)
 
 
-@pytest.mark.parametrize("bwd_impl", GPU_BWD_IMPLS)
-@pytest.mark.parametrize("S,causal,Hq,Hkv,dtype", [
-    (2048, False, 8, 1, jnp.float16), (777, True, 8, 2, jnp.float32)])
 @gpu[0]
 @gpu[1]
-def test_gpu_flash_attention_fwd_bwd_dtypes(S, causal, Hq, Hkv, dtype,
-                                            bwd_impl):
-  # fp16 full MQA (8 q heads add into one kv head's dk/dv, every kv block
-  # adds into every dq row) and fp32 with a ragged length, default blocks.
-  _check(S + Hq, B=2, S=S, Hq=Hq, Hkv=Hkv, D=128, dtype=dtype, causal=causal,
-         bq=None, bk=None, bwd_impl=bwd_impl)
+def test_gpu_flash_attention_fwd_bwd_fp16_full_mqa():
+  # fp16, no causal mask, 8 q heads summed into one kv head's dk/dv.
+  _check(2056, B=2, S=2048, Hq=8, Hkv=1, D=128, dtype=jnp.float16,
+         causal=False, bq=None, bk=None)
 
 
 @gpu[0]
