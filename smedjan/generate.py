@@ -205,6 +205,24 @@ def _decode_forward(w, cfg: ModelConfig, caches, tokens, pos, active, kv_len: in
     cos, sin = jax.lax.optimization_barrier((cos.astype(x.dtype), sin.astype(x.dtype)))
     rows = jnp.arange(b)[:, None]
     new_caches = []
+    if impl == "pallas_fused":
+        from pallas_kernels.decode_layer_attention import decode_layer_attention, supported
+
+        hd, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        if not cfg.qk_norm and supported(hq, hkv, hd):
+            # One Pallas kernel per layer after the qkv GEMV: rope, both cache writes (in place) and
+            # the attention of the new token (pallas_kernels/decode_layer_attention.py).
+            cos2, sin2 = cos.reshape(b, hd), sin.reshape(b, hd)
+            for p, (ck, cv) in zip(w["layers"], caches):
+                qkv = _normed_linear(x, p["qkv"], cfg.rms_norm_eps, p.get("qkv_b"))
+                out, ck, cv = decode_layer_attention(
+                    qkv.reshape(b, -1), cos2, sin2, pos, ck, cv, num_heads=hq, num_kv_heads=hkv,
+                    head_dim=hd, sliding_window=cfg.sliding_window, kv_len=kv_len)
+                x = _finish_layer(x, out.reshape(b, 1, -1), p, cfg)
+                new_caches.append((ck, cv))
+            x = rms_norm(x[:, 0], w["norm"], cfg.rms_norm_eps)
+            return linear(x, w["head"]).astype(jnp.float32), tuple(new_caches)
+        impl = "pallas"  # qk-norm, or a shape the fused kernel does not take: the split path below
     for p, (ck, cv) in zip(w["layers"], caches):
         q, k, v = _qkv(x, p, cfg, cos, sin)
         if b == 1:
@@ -241,6 +259,7 @@ def _prefill_forward(w, cfg: ModelConfig, caches, tokens, lens, slots, impl: str
     x = jnp.take(w["embed"], tokens, axis=0)
     cos, sin = rope_cos_sin(cfg, positions, seq_len=jnp.max(lens))
     # Off GPU the Pallas kernels only interpret: far too slow for serving, so prefill in XLA there.
+    impl = "pallas" if impl == "pallas_fused" else impl  # the fused kernel is decode-only
     prefill_impl = "xla" if impl == "pallas" and jax.default_backend() != "gpu" else impl
     new_caches = []
     for p, (ck, cv) in zip(w["layers"], caches):
