@@ -114,7 +114,9 @@ def _q_ranges(ki, cfg: _Cfg, bq, bk, nq, has_seg):
   """For kv block ``ki``: q block ranges (lo, lo_full, hi_full, hi)."""
   k_start = ki * bk
   k_last = k_start + (bk - 1)
-  lo = lax.div(k_start, bq) if cfg.causal else 0
+  # A traced int32 zero, not Python's 0: with a constant lower bound the Triton lowering of the
+  # loops below met an i1 x i32 multiply (non-causal backward failed to compile).
+  lo = lax.div(k_start, bq) if cfg.causal else k_start * 0
   if cfg.window is None:
     hi = nq
     hi_full = nq
