@@ -71,7 +71,7 @@ def bench_batch1(cfg, params, *, prompt_len, new_tokens, attn, repeats):
     kv_len = gen.next_bucket(total, max_len)
 
     def once():
-        t, toks = timed_decode_loop(runner, cfg, prompt, row, new_tokens, kv_len, attn)
+        t, toks = timed_decode_loop(runner, cfg, prompt, row, new_tokens, kv_len)
         return t, np.asarray(toks)
 
     t_compile = time.perf_counter()

@@ -113,7 +113,7 @@ def bench_forward(cfg, batch, seq_len, *, attn, dtype, iters, repeats, warmup, p
     return _column(batch * seq_len, t, cfg.flops_per_token(seq_len) / 3, peak, times, mem)
 
 
-def timed_decode_loop(runner, cfg, prompt: list[int], row: dict, n_new: int, kv_len: int, attn: str):
+def timed_decode_loop(runner, cfg, prompt: list[int], row: dict, n_new: int, kv_len: int):
     """Prefill `prompt` into slot 0 of a batch-1 `generate.Runner` (untimed), then time the
     on-device decode loop that `smedjan generate` runs. Returns (seconds, tokens [1, n_new])."""
     import jax
@@ -126,7 +126,7 @@ def timed_decode_loop(runner, cfg, prompt: list[int], row: dict, n_new: int, kv_
     t0 = time.perf_counter()
     runner.state, toks, *_ = gen.decode_loop(runner.w, runner.state, first, jnp.ones((1,), jnp.bool_),
                                              jnp.asarray([-1], jnp.int32), cfg=cfg, n_steps=n_new,
-                                             kv_len=kv_len, impl=attn)
+                                             kv_len=kv_len, impl=runner.attn_impl)
     toks = jax.block_until_ready(toks)
     return time.perf_counter() - t0, toks
 
@@ -159,7 +159,7 @@ def bench_decode(cfg, seq_len, *, attn, dtype, repeats, warmup, peak, decode_tok
         return rng.integers(0, cfg.vocab_size, prompt_len).tolist()
 
     def loop_once():
-        return timed_decode_loop(runner, cfg, prompt(), row, n_new, kv_len, attn)[0] / n_new
+        return timed_decode_loop(runner, cfg, prompt(), row, n_new, kv_len)[0] / n_new
 
     def steps_once():
         jax.block_until_ready((runner.prefill([0], [prompt()], [row]), runner.state))
@@ -181,9 +181,10 @@ def bench_decode(cfg, seq_len, *, attn, dtype, repeats, warmup, peak, decode_tok
     n = cfg.matmul_params()
     ctx = prompt_len + n_new / 2
     fpt = 2 * n + 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * ctx
+    impl = runner.attn_impl
     del runner
     return _column(1, t, fpt, peak, times, mem, prompt_len=prompt_len, decode_tokens=n_new,
-                   path="smedjan.generate.decode_loop (on-device loop, greedy)",
+                   path=f"smedjan.generate.decode_loop (on-device loop, greedy, attn {impl})",
                    per_step_tokens_per_s=1.0 / statistics.median(step_times), per_step_times_s=step_times)
 
 
@@ -284,7 +285,9 @@ def run_bench(cfg, args) -> dict:
             if col == "forward":
                 results[col] = bench_forward(cfg, args.batch, args.seq_len, attn=attn, iters=args.iters, **common)
             elif col == "decode":
-                results[col] = bench_decode(cfg, args.seq_len, attn=attn, decode_tokens=args.decode_tokens,
+                # the engine's own choice under --attn auto (generate.resolve_decode_impl)
+                results[col] = bench_decode(cfg, args.seq_len, attn=args.attn if args.attn == "auto" else attn,
+                                            decode_tokens=args.decode_tokens,
                                             **common)
             elif col == "train":
                 results[col] = bench_train(cfg, args.batch, args.seq_len, attn=attn, remat=args.remat,

@@ -259,7 +259,7 @@ def _prefill_forward(w, cfg: ModelConfig, caches, tokens, lens, slots, impl: str
     x = jnp.take(w["embed"], tokens, axis=0)
     cos, sin = rope_cos_sin(cfg, positions, seq_len=jnp.max(lens))
     # Off GPU the Pallas kernels only interpret: far too slow for serving, so prefill in XLA there.
-    impl = "pallas" if impl == "pallas_fused" else impl  # the fused kernel is decode-only
+    impl = "auto" if impl == "pallas_fused" else impl  # the fused kernel is decode-only: cuDNN/XLA prefill
     prefill_impl = "xla" if impl == "pallas" and jax.default_backend() != "gpu" else impl
     new_caches = []
     for p, (ck, cv) in zip(w["layers"], caches):
@@ -434,11 +434,24 @@ def decode_loop(w, state, first, active, stop_ids, cfg: ModelConfig, n_steps: in
 
 
 # ---- a host-side runner over the state (used by generate, the server and the benchmark) -------------
+DECODE_IMPLS = ("auto", "xla", "cudnn", "pallas", "pallas_fused")
+
+
+def resolve_decode_impl(impl: str) -> str:
+    """'auto': the fused Pallas decode-layer kernel on GPU (1b batch-1 on the H100: 72% of the
+    bandwidth bound against 66% for XLA, benchmarks/RESULTS.md), XLA elsewhere."""
+    if impl not in DECODE_IMPLS:
+        raise ValueError(f"attention impl must be one of {DECODE_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "pallas_fused" if jax.default_backend() == "gpu" else "xla"
+    return impl
+
+
 class Runner:
     """Owns the device state of B slots × T positions and the compiled steps."""
 
     def __init__(self, params: dict, cfg: ModelConfig, max_batch: int, max_seq_len: int, dtype=None,
-                 attn_impl: str = "xla", cache_dtype=None, min_kv_bucket: int = MIN_BUCKET):
+                 attn_impl: str = "auto", cache_dtype=None, min_kv_bucket: int = MIN_BUCKET):
         self.cfg = cfg
         self.min_kv_bucket = min_kv_bucket
         self.w = prepare_params(params, cfg, dtype)
@@ -446,7 +459,7 @@ class Runner:
         self.cache_dtype = jnp.dtype(cache_dtype or self.dtype)
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
-        self.attn_impl = attn_impl
+        self.attn_impl = resolve_decode_impl(attn_impl)
         self.state = init_state(cfg, max_batch, max_seq_len, self.cache_dtype)
         self.pos = np.zeros(max_batch, np.int64)  # host mirror of state["pos"]
 
@@ -512,7 +525,7 @@ def generate(params, cfg: ModelConfig, prompt_ids: list[list[int]], max_new_toke
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
              eos_id=None, *, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
              frequency_penalty: float = 0.0, stop_token_ids=None, stop_strings=None, tokenizer=None,
-             dtype=None, attn_impl: str = "xla", return_logprobs: bool = False, max_seq_len: int | None = None):
+             dtype=None, attn_impl: str = "auto", return_logprobs: bool = False, max_seq_len: int | None = None):
     """Generate for a batch of prompts; returns the new tokens of each (stop token excluded).
 
     The decode loop runs on the device. Row i samples with seed `seed + i`, so rows of a
@@ -535,6 +548,7 @@ def generate(params, cfg: ModelConfig, prompt_ids: list[list[int]], max_new_toke
     t = max_seq_len or next_bucket(longest + max_new_tokens, minimum=64)
     if longest >= t:
         raise ValueError(f"prompt of {longest} tokens does not fit max_seq_len {t}")
+    attn_impl = resolve_decode_impl(attn_impl)
     runner = Runner(w, cfg, b, t, attn_impl=attn_impl)
     rows = [sp.row(seed + i) for i in range(b)]
     first = runner.prefill(list(range(b)), [list(p) for p in prompt_ids], rows)

@@ -100,12 +100,13 @@ def test_training_curve_matches_xla_on_gpu(impl):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
-def test_generation_pallas_equals_xla_on_gpu():
+@pytest.mark.parametrize("impl", ["pallas", "pallas_fused", "auto"])
+def test_generation_pallas_equals_xla_on_gpu(impl):
     from smedjan.generate import generate
 
     cfg = small_cfg(vocab_size=256, hidden_size=128)
     params = init_params(cfg, jax.random.key(5))
-    prompts = [[1, 5, 9, 33], [7, 7, 2]]
-    a = generate(params, cfg, prompts, max_new_tokens=24, attn_impl="xla")
-    b = generate(params, cfg, prompts, max_new_tokens=24, attn_impl="pallas")
-    assert a == b
+    for prompts in ([[1, 5, 9, 33], [7, 7, 2]], [[3, 1, 4, 1, 5]]):  # batched and batch-1 paths
+        a = generate(params, cfg, prompts, max_new_tokens=24, attn_impl="xla")
+        b = generate(params, cfg, prompts, max_new_tokens=24, attn_impl=impl)
+        assert a == b

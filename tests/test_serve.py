@@ -145,11 +145,11 @@ def test_32_concurrent_requests_match_sequential(server, client):
 def test_disconnect_mid_stream_frees_slot(server, monkeypatch):
     engine = server["engine"]
     # The tiny CPU model would finish all 50 tokens before the server even notices the disconnect;
-    # 20 ms per decode step makes the run long (1 s) against the detection latency.
+    # 50 ms per decode step makes the run long (2.5 s) against the detection latency.
     step = engine.runner.step
 
     def slow_step(active, top_n=0, n_steps=1):
-        time.sleep(0.02 * n_steps)
+        time.sleep(0.05 * n_steps)
         return step(active, top_n=top_n, n_steps=n_steps)
 
     monkeypatch.setattr(engine.runner, "step", slow_step)

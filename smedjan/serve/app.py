@@ -198,10 +198,17 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         finish = [None] * k
         completion_tokens = 0
         try:
+            checked = time.monotonic()
             while any(f is None for f in finish):
                 item = await _next_event(request, events)
                 if item is None:
-                    return JSONResponse({"error": {"message": "client disconnected", "type": "invalid_request_error",
+                    return
+                # While tokens keep coming, _next_event never times out, and writes to a closed
+                # socket may not fail: ask the server about the client a few times a second.
+                if time.monotonic() - checked > 0.1:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        return JSONResponse({"error": {"message": "client disconnected", "type": "invalid_request_error",
                                                    "param": None, "code": "client_closed"}}, status_code=499)
                 i, ev = item
                 if ev.error:
@@ -252,10 +259,17 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             if req.chat:
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None} for i in range(k)])
+            checked = time.monotonic()
             while any(f is None for f in finish):
                 item = await _next_event(request, events)
                 if item is None:
                     return
+                # While tokens keep coming, _next_event never times out, and writes to a closed
+                # socket may not fail: ask the server about the client a few times a second.
+                if time.monotonic() - checked > 0.1:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        return
                 i, ev = item
                 if ev.error:
                     err = {"error": {"message": ev.error, "type": "server_error", "param": None,

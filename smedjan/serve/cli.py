@@ -136,8 +136,9 @@ def _common_args(p):
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length per sequence (default: the "
                    "model's max_position_embeddings)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429s")
-    p.add_argument("--attn-impl", default="xla", choices=["xla", "pallas"],
-                   help="decode attention: xla, or the pallas kernel (GPU)")
+    p.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "pallas", "pallas_fused"],
+                   help="decode attention: auto (the fused Pallas decode kernel on GPU, XLA elsewhere), xla, "
+                        "pallas (split-K kernel) or pallas_fused")
     p.add_argument("--decode-chunk", type=int, default=8,
                    help="decode steps per dispatch (tokens then stream in bursts of up to this many)")
     add_sampling_args(p)

@@ -112,7 +112,7 @@ class Request:
 
 class Engine:
     def __init__(self, params: dict, cfg: ModelConfig, tokenizer=None, *, max_batch: int = 64,
-                 max_seq_len: int | None = None, max_queue: int = 256, dtype=None, attn_impl: str = "xla",
+                 max_seq_len: int | None = None, max_queue: int = 256, dtype=None, attn_impl: str = "auto",
                  stop_token_ids=(), max_prefills_per_step: int = 4, min_kv_bucket: int = MIN_BUCKET,
                  cache_dtype=None, decode_chunk: int = 8):
         self.cfg = cfg
