@@ -142,26 +142,16 @@ def test_supported_shapes():
     (2, 64, 4, 4, 32, None, jnp.float16)])
 def test_lowers_to_triton(monkeypatch, B, T, Hq, Hkv, D, window, dtype):
   """The compiled path: lower to Triton IR for CUDA (no GPU needed)."""
-  from jax import export
+  from triton_lowering import TRITON_CALL, lower_for_cuda
   mod = importlib.import_module("pallas_kernels.decode_layer_attention")
-  monkeypatch.setattr(mod, "resolve_interpret", lambda interpret: False)
-  try:  # newer jax asks the device for its compute capability: pin an H100
-    from jax._src.pallas.triton import gpu_info
-    h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
-    monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: h100)
-  except (ImportError, AttributeError):
-    pass
   S = jax.ShapeDtypeStruct
   args = (S((B, (Hq + 2 * Hkv) * D), dtype), S((B, D), dtype),
           S((B, D), dtype), S((B,), jnp.int32), S((B, T, Hkv, D), dtype),
           S((B, T, Hkv, D), dtype))
-  f = jax.jit(lambda *a: mod.decode_layer_attention(
+  text = lower_for_cuda(monkeypatch, mod.__name__, lambda *a: mod.decode_layer_attention(
       *a, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, sliding_window=window,
-      interpret=False))
-  exp = export.export(f, platforms=["cuda"], disabled_checks=[
-      export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
-  text = exp.mlir_module()
-  assert text.count("__gpu$xla.gpu.triton") == 1
+      interpret=False), *args)
+  assert text.count(TRITON_CALL) == 1
   assert "decode_layer_attention" in text
 
 
