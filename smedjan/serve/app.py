@@ -198,17 +198,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         finish = [None] * k
         completion_tokens = 0
         try:
-            checked = time.monotonic()
             while any(f is None for f in finish):
                 item = await _next_event(request, events)
                 if item is None:
-                    return
-                # While tokens keep coming, _next_event never times out, and writes to a closed
-                # socket may not fail: ask the server about the client a few times a second.
-                if time.monotonic() - checked > 0.1:
-                    checked = time.monotonic()
-                    if await request.is_disconnected():
-                        return JSONResponse({"error": {"message": "client disconnected", "type": "invalid_request_error",
+                    return JSONResponse({"error": {"message": "client disconnected", "type": "invalid_request_error",
                                                    "param": None, "code": "client_closed"}}, status_code=499)
                 i, ev = item
                 if ev.error:
@@ -242,6 +235,15 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
 
+    async def _cancel_on_disconnect(request, reqs):
+        """Cancel the requests as soon as the client goes away. The stream alone may notice late:
+        a write into a closed socket can still succeed, and the server only reads the socket (and
+        so sees the close) while someone waits on `receive`; this task is that someone."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        for r in reqs:
+            r.cancel()
+
     async def _stream(request, req, reqs, events, rid, now, prompt_tokens):
         k = len(reqs)
         obj = "chat.completion.chunk" if req.chat else "text_completion"
@@ -255,21 +257,15 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 d["usage"] = usage
             return f"data: {json.dumps(d)}\n\n"
 
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, reqs))
         try:
             if req.chat:
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None} for i in range(k)])
-            checked = time.monotonic()
             while any(f is None for f in finish):
                 item = await _next_event(request, events)
                 if item is None:
                     return
-                # While tokens keep coming, _next_event never times out, and writes to a closed
-                # socket may not fail: ask the server about the client a few times a second.
-                if time.monotonic() - checked > 0.1:
-                    checked = time.monotonic()
-                    if await request.is_disconnected():
-                        return
                 i, ev = item
                 if ev.error:
                     err = {"error": {"message": ev.error, "type": "server_error", "param": None,
@@ -295,6 +291,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                                  "total_tokens": prompt_tokens + completion_tokens})
             yield "data: [DONE]\n\n"
         finally:  # runs on normal end, on error and when the client disconnects (generator cancelled)
+            watcher.cancel()
             for r in reqs:
                 r.cancel()
 
