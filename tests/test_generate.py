@@ -176,3 +176,14 @@ def test_generate_cli(tmp_path, capsys):
     assert main(["generate", str(folder), "--prompt", "Hi", "--max-new-tokens", "4", "--temperature", "0.9",
                  "--top-k", "20", "--top-p", "0.9", "--seed", "3", "--chat"]) == 0
     assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 1
+
+
+def test_decode_impl_auto_resolves_per_backend(monkeypatch):
+    from smedjan.generate import resolve_decode_impl
+
+    assert resolve_decode_impl("auto") == "xla"  # CPU: XLA decode
+    assert resolve_decode_impl("pallas") == "pallas"
+    with pytest.raises(ValueError):
+        resolve_decode_impl("flash")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve_decode_impl("auto") == "pallas_fused"  # the H100-measured fastest
