@@ -204,45 +204,42 @@ def _decode_forward(w, cfg: ModelConfig, caches, tokens, pos, active, kv_len: in
     # Materialise cos/sin once: left alone, XLA re-derives them from `pos` inside every layer.
     cos, sin = jax.lax.optimization_barrier((cos.astype(x.dtype), sin.astype(x.dtype)))
     rows = jnp.arange(b)[:, None]
-    new_caches = []
-    if impl == "pallas_fused":
+    hd, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    fused = impl == "pallas_fused"
+    if fused:
         from pallas_kernels.decode_layer_attention import decode_layer_attention, supported
 
-        hd, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        if not cfg.qk_norm and supported(hq, hkv, hd):
-            # One Pallas kernel per layer after the qkv GEMV: rope, both cache writes (in place) and
-            # the attention of the new token (pallas_kernels/decode_layer_attention.py).
-            cos2, sin2 = cos.reshape(b, hd), sin.reshape(b, hd)
-            for p, (ck, cv) in zip(w["layers"], caches):
-                qkv = _normed_linear(x, p["qkv"], cfg.rms_norm_eps, p.get("qkv_b"))
-                out, ck, cv = decode_layer_attention(
-                    qkv.reshape(b, -1), cos2, sin2, pos, ck, cv, num_heads=hq, num_kv_heads=hkv,
-                    head_dim=hd, sliding_window=cfg.sliding_window, kv_len=kv_len)
-                x = _finish_layer(x, out.reshape(b, 1, -1), p, cfg)
-                new_caches.append((ck, cv))
-            x = rms_norm(x[:, 0], w["norm"], cfg.rms_norm_eps)
-            return linear(x, w["head"]).astype(jnp.float32), tuple(new_caches)
-        impl = "pallas"  # qk-norm, or a shape the fused kernel does not take: the split path below
+        fused = not cfg.qk_norm and supported(hq, hkv, hd)
+        impl = "pallas"  # qk-norm, or a shape the fused kernel does not take: the split-K kernel
+    new_caches = []
     for p, (ck, cv) in zip(w["layers"], caches):
-        q, k, v = _qkv(x, p, cfg, cos, sin)
-        if b == 1:
-            # A plain dynamic-update-slice: XLA turns the general scatter into read-old / select /
-            # write to keep out-of-bounds writes dropped (two more kernels per k and v per layer on
-            # the latency-bound batch-1 path). Active rows always write inside the cache; a finished
-            # row at the very end is clamped onto its own last slot, whose contents no longer matter.
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, pos[0], 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, pos[0], 0, 0))
+        if fused:
+            # One Pallas kernel after the qkv GEMV: rope, both cache writes (in place) and the
+            # attention of the new token (pallas_kernels/decode_layer_attention.py).
+            qkv = _normed_linear(x, p["qkv"], cfg.rms_norm_eps, p.get("qkv_b"))
+            out, ck, cv = decode_layer_attention(
+                qkv.reshape(b, -1), cos.reshape(b, hd), sin.reshape(b, hd), pos, ck, cv, num_heads=hq,
+                num_kv_heads=hkv, head_dim=hd, sliding_window=cfg.sliding_window, kv_len=kv_len)
         else:
-            ck = ck.at[rows, q_pos].set(k.astype(ck.dtype), mode="drop")
-            cv = cv.at[rows, q_pos].set(v.astype(cv.dtype), mode="drop")
-        if impl == "pallas":  # the kernel skips blocks past each row's position by itself
-            kk, vv = ck, cv
-        else:
-            kk, vv = ck[:, :kv_len], cv[:, :kv_len]
-        kv_pos = jnp.broadcast_to(jnp.arange(kk.shape[1], dtype=jnp.int32), (b, kk.shape[1]))
-        out = attention(q, kk.astype(q.dtype), vv.astype(q.dtype), q_pos=q_pos, kv_pos=kv_pos,
-                        sliding_window=cfg.sliding_window, impl=impl, decoding=True)
-        x = _finish_layer(x, out, p, cfg)
+            q, k, v = _qkv(x, p, cfg, cos, sin)
+            if b == 1:
+                # A plain dynamic-update-slice: XLA turns the general scatter into read-old / select /
+                # write to keep out-of-bounds writes dropped (two more kernels per k and v per layer on
+                # the latency-bound batch-1 path). Active rows always write inside the cache; a finished
+                # row at the very end is clamped onto its own last slot, whose contents no longer matter.
+                ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, pos[0], 0, 0))
+                cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, pos[0], 0, 0))
+            else:
+                ck = ck.at[rows, q_pos].set(k.astype(ck.dtype), mode="drop")
+                cv = cv.at[rows, q_pos].set(v.astype(cv.dtype), mode="drop")
+            if impl == "pallas":  # the kernel skips blocks past each row's position by itself
+                kk, vv = ck, cv
+            else:
+                kk, vv = ck[:, :kv_len], cv[:, :kv_len]
+            kv_pos = jnp.broadcast_to(jnp.arange(kk.shape[1], dtype=jnp.int32), (b, kk.shape[1]))
+            out = attention(q, kk.astype(q.dtype), vv.astype(q.dtype), q_pos=q_pos, kv_pos=kv_pos,
+                            sliding_window=cfg.sliding_window, impl=impl, decoding=True)
+        x = _finish_layer(x, out.reshape(b, 1, -1), p, cfg)
         new_caches.append((ck, cv))
     x = rms_norm(x[:, 0], w["norm"], cfg.rms_norm_eps)
     return linear(x, w["head"]).astype(jnp.float32), tuple(new_caches)
@@ -548,7 +545,6 @@ def generate(params, cfg: ModelConfig, prompt_ids: list[list[int]], max_new_toke
     t = max_seq_len or next_bucket(longest + max_new_tokens, minimum=64)
     if longest >= t:
         raise ValueError(f"prompt of {longest} tokens does not fit max_seq_len {t}")
-    attn_impl = resolve_decode_impl(attn_impl)
     runner = Runner(w, cfg, b, t, attn_impl=attn_impl)
     rows = [sp.row(seed + i) for i in range(b)]
     first = runner.prefill(list(range(b)), [list(p) for p in prompt_ids], rows)
@@ -557,7 +553,8 @@ def generate(params, cfg: ModelConfig, prompt_ids: list[list[int]], max_new_toke
     n_steps = max_new_tokens - 1
     kv_len = next_bucket(longest + max_new_tokens, t)
     runner.state, toks, lps, _, _ = decode_loop(w, runner.state, first, jnp.ones((b,), jnp.bool_), stop_arr,
-                                                cfg=cfg, n_steps=n_steps, kv_len=kv_len, impl=attn_impl)
+                                                cfg=cfg, n_steps=n_steps, kv_len=kv_len,
+                                                impl=runner.attn_impl)
     toks, lps = np.asarray(toks), np.asarray(lps)
     out_t, out_l = [], []
     for i in range(b):
