@@ -94,6 +94,10 @@ def fwdbwd_fn(f):
   return jax.jit(g)
 
 
+# mode -> (jitted-call builder, FLOPs as a multiple of the forward's)
+MODES = {"fwd": (fwd_fn, 1.0), "fwd+bwd": (fwdbwd_fn, 3.5)}
+
+
 def flops(B, S, Hq, D, causal):
   f = 4.0 * B * Hq * S * S * D
   return f / 2 if causal else f
@@ -106,7 +110,7 @@ def run_case(B, S, Hq, Hkv, D, causal, which, iters, reps, pallas_kw=None):
   for name, f in impls(causal, Hq, Hkv, pallas_kw).items():
     if which and name not in which:
       continue
-    for mode, mk, mult in (("fwd", fwd_fn, 1.0), ("fwd+bwd", fwdbwd_fn, 3.5)):
+    for mode, (mk, mult) in MODES.items():
       if name == "xla" and S * S * B * Hq * 4 > 16e9:
         res = dict(status="skipped (S^2 scores do not fit)")
       else:
@@ -139,45 +143,45 @@ def table(rows):
   return "\n".join(lines)
 
 
+def time_config(kw, mode, args, fl, iters, reps):
+  """TF/s of causal flash_attention(**kw) in ``mode`` (printed); None if it fails."""
+  make, mult = MODES[mode]
+  f = lambda q, k, v: flash_attention(q, k, v, causal=True, **kw)
+  try:
+    t = bench(make(f), args, iters=iters, reps=reps)
+  except Exception as e:
+    print(mode, kw, "error", type(e).__name__, flush=True)
+    return None
+  tf = mult * fl / t / 1e12
+  print(f"{mode} {kw} {t*1e3:.3f} ms {tf:.0f} TF/s", flush=True)
+  return tf
+
+
 def sweep(S, B, H, D, iters, reps):
   """Forward then backward block/warps/stages sweep at one shape (the
   backward sweep times fwd+bwd with the best forward)."""
   args = make_inputs(B, S, H, H, D)
   fl = flops(B, S, H, D, True)
-  best_f = None
-  for bq, bk, w, st in itertools.product((64, 128), (64, 128), (4, 8),
-                                         (2, 3)):
-    kw = dict(block_q=bq, block_k=bk, num_warps=w, num_stages=st)
-    f = lambda q, k, v, kw=kw: flash_attention(q, k, v, causal=True, **kw)
-    try:
-      t = bench(fwd_fn(f), args, iters=iters, reps=reps)
-    except Exception as e:
-      print("fwd", kw, "error", type(e).__name__, flush=True)
-      continue
-    tf = fl / t / 1e12
-    print(f"fwd {kw} {t*1e3:.3f} ms {tf:.0f} TF/s", flush=True)
-    if best_f is None or tf > best_f[0]:
-      best_f = (tf, kw)
-  print("BEST fwd", best_f, flush=True)
-  best_b = None
-  for (bq, bk), w, st in itertools.product(
-      ((32, 64), (64, 64), (32, 128), (64, 128), (128, 64), (128, 128)),
-      (4, 8), (2, 3)):
-    if bq * bk >= 128 * 128 and w == 4:
-      continue
-    kw = dict(best_f[1], block_q_bwd=bq, block_k_bwd=bk, num_warps_bwd=w,
-              num_stages_bwd=st)
-    f = lambda q, k, v, kw=kw: flash_attention(q, k, v, causal=True, **kw)
-    try:
-      t = bench(fwdbwd_fn(f), args, iters=iters, reps=reps)
-    except Exception as e:
-      print("bwd", kw, "error", type(e).__name__, flush=True)
-      continue
-    tf = 3.5 * fl / t / 1e12
-    print(f"fwd+bwd {kw} {t*1e3:.3f} ms {tf:.0f} TF/s", flush=True)
-    if best_b is None or tf > best_b[0]:
-      best_b = (tf, kw)
-  print("BEST fwd+bwd", best_b, flush=True)
+
+  def best(mode, configs):
+    timed = [(time_config(kw, mode, args, fl, iters, reps), kw)
+             for kw in configs]
+    timed = [(tf, kw) for tf, kw in timed if tf is not None]
+    top = max(timed, key=lambda r: r[0], default=None)
+    print(f"BEST {mode}", top, flush=True)
+    return top
+
+  best_f = best("fwd", [
+      dict(block_q=bq, block_k=bk, num_warps=w, num_stages=st)
+      for bq, bk, w, st in itertools.product((64, 128), (64, 128), (4, 8),
+                                             (2, 3))])
+  best("fwd+bwd", [
+      dict(best_f[1], block_q_bwd=bq, block_k_bwd=bk, num_warps_bwd=w,
+           num_stages_bwd=st)
+      for (bq, bk), w, st in itertools.product(
+          ((32, 64), (64, 64), (32, 128), (64, 128), (128, 64), (128, 128)),
+          (4, 8), (2, 3))
+      if not (bq * bk >= 128 * 128 and w == 4)])
 
 
 def main():
@@ -208,15 +212,8 @@ def main():
     args = make_inputs(a.batch, a.sweep_seq, a.heads, a.heads, a.dim)
     fl = flops(a.batch, a.sweep_seq, a.heads, a.dim, True)
     for kw in json.loads(a.configs):
-      f = lambda q, k, v, kw=kw: flash_attention(q, k, v, causal=True, **kw)
-      for mode, mk, mult in (("fwd", fwd_fn, 1.0),
-                             ("fwd+bwd", fwdbwd_fn, 3.5)):
-        try:
-          t = bench(mk(f), args, iters=a.iters, reps=a.reps)
-          print(f"config {mode} {kw} {t*1e3:.3f} ms "
-                f"{fl*mult/t/1e12:.0f} TF/s", flush=True)
-        except Exception as e:
-          print(f"config {mode} {kw} error {type(e).__name__}", flush=True)
+      for mode in MODES:
+        time_config(kw, mode, args, fl, a.iters, a.reps)
     return
   which = set(filter(None, a.impls.split(",")))
   rows = []
