@@ -451,19 +451,23 @@ def _default_blocks(D):
     static_argnames=("causal", "sliding_window", "sm_scale", "block_q",
                      "block_k", "interpret", "block_q_bwd", "block_k_bwd",
                      "num_warps", "num_stages", "num_warps_bwd",
-                     "num_stages_bwd"))
+                     "num_stages_bwd", "backend"))
 def flash_attention(q, k, v, *, causal=True, sliding_window=None,
                     segment_ids=None, sm_scale=None, block_q=None,
                     block_k=None, interpret=None, block_q_bwd=None,
                     block_k_bwd=None, num_warps=None, num_stages=None,
-                    num_warps_bwd=None, num_stages_bwd=None):
+                    num_warps_bwd=None, num_stages_bwd=None, backend="auto"):
   """Fused attention.  q [B,S,Hq,D], k/v [B,T,Hkv,D] -> [B,S,Hq,D].
 
   causal: query i sees keys j <= i (top-left aligned when S != T).
   sliding_window=W: query i sees keys i - W < j <= i (implies causal).
   segment_ids: int32 [B, S] (requires S == T); attend within equal ids.
   sm_scale: defaults to 1/sqrt(D).
-  The extra keyword arguments after ``interpret`` are tuning knobs.
+  backend: "auto" runs the Mosaic GPU kernel (flash_attention_mgpu.py) on a
+  Hopper GPU when the call fits it, else this file's kernel; "triton" always
+  takes this file's kernel (interpreted off-GPU); "mosaic" insists.
+  The extra keyword arguments after ``interpret`` are tuning knobs of the
+  Triton kernel.
   """
   B, S, Hq, D = q.shape
   Bk, T, Hkv, Dk = k.shape
@@ -475,10 +479,21 @@ def flash_attention(q, k, v, *, causal=True, sliding_window=None,
     raise ValueError("segment_ids must be [B, S] with S == T")
   if sliding_window is not None and sliding_window < 1:
     raise ValueError("sliding_window must be >= 1")
+  if backend not in ("auto", "triton", "mosaic"):
+    raise ValueError(f"backend must be auto, triton or mosaic, got {backend!r}")
   interpret = resolve_interpret(interpret)
   sm_scale = float(D ** -0.5 if sm_scale is None else sm_scale)
   k = k.astype(q.dtype)
   v = v.astype(q.dtype)
+  if backend != "triton":
+    from pallas_kernels import flash_attention_mgpu as mgpu
+    fits = not interpret and mgpu.available() and mgpu.supported(
+        q, k, v, sliding_window=sliding_window, segment_ids=segment_ids)
+    if fits:
+      return mgpu.mgpu_flash_attention(q, k, v, causal=causal, sm_scale=sm_scale)
+    if backend == "mosaic":
+      raise ValueError("backend='mosaic' needs a Hopper GPU and a call that "
+                       "flash_attention_mgpu.supported() accepts")
 
   (dbq, dbk, dw, dst), (dbqb, dbkb, dwb, dstb) = _default_blocks(D)
   # Never use blocks (much) larger than the sequence; keep powers of two >= 16

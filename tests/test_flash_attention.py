@@ -92,13 +92,14 @@ def _reference(seed, B, S, Hq, Hkv, D, dtype, T, causal, window, seg,
 
 def _check(seed, B, S, Hq, Hkv, D, dtype, *, causal=True, window=None,
            seg=False, sm_scale=None, bq=32, bk=32, grads=True, T=None,
-           tol=None):
+           tol=None, backend="triton"):
   q, k, v, do = _inputs(seed, B, S, Hq, Hkv, D, dtype, T)
   segment_ids = _segments(seed, B, S) if seg else None
   kw = dict(causal=causal, sliding_window=window, segment_ids=segment_ids,
             sm_scale=sm_scale)
   f = lambda q, k, v: flash_attention(q, k, v, block_q=bq, block_k=bk,
-                                      block_q_bwd=bq, block_k_bwd=bk, **kw)
+                                      block_q_bwd=bq, block_k_bwd=bk,
+                                      backend=backend, **kw)
   if tol is None:
     tol = 1e-4 if dtype == jnp.float32 else 2e-2
   if not grads:
