@@ -60,9 +60,11 @@ def make_inputs(B, S, Hq, Hkv, D, n=3, seed=0):
 def impls(causal, Hq, Hkv, pallas_kw=None):
   """name -> f(q, k, v) -> out (bf16 BTNH)."""
   pallas_kw = pallas_kw or {}
-  out = {
+  out = {  # "pallas" is the default dispatch: the Mosaic GPU kernel on Hopper
       "pallas": lambda q, k, v: flash_attention(
           q, k, v, causal=causal, **pallas_kw),
+      "pallas_triton": lambda q, k, v: flash_attention(
+          q, k, v, causal=causal, backend="triton", **pallas_kw),
       "cudnn": lambda q, k, v: jax.nn.dot_product_attention(
           q, k, v, is_causal=causal, implementation="cudnn"),
       "xla": lambda q, k, v: jax.nn.dot_product_attention(
@@ -80,6 +82,21 @@ def impls(causal, Hq, Hkv, pallas_kw=None):
     out["jax_mha"] = jax_mha
   except Exception as e:  # pragma: no cover
     print("jax mha unavailable:", e, file=sys.stderr)
+  try:  # jax's FA3-style Mosaic GPU kernel (forward; its backward has no causal mask)
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
+
+    blk = dict(block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
+    cfg = mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2,
+                            causal=causal, **({} if causal else blk))
+    out["jax_mgpu"] = lambda q, k, v: mgpu.attention(q, k, v, cfg)
+    out["jax_mgpu_f16"] = out["jax_mgpu"]  # same kernel, fed fp16 inputs
+  except Exception as e:  # pragma: no cover
+    print("jax attention_mgpu unavailable:", e, file=sys.stderr)
+  try:  # Google's kernel library (Python >= 3.12; benchmarks/peers/install_tokamax.sh)
+    from benchmarks.peers.tokamax_attention import make_tokamax_attention
+    out["tokamax"] = make_tokamax_attention(causal, "mosaic")
+  except ImportError as e:
+    print("tokamax unavailable:", e, file=sys.stderr)
   return out
 
 
@@ -105,6 +122,7 @@ def flops(B, S, Hq, D, causal):
 
 def run_case(B, S, Hq, Hkv, D, causal, which, iters, reps, pallas_kw=None):
   args = make_inputs(B, S, Hq, Hkv, D)
+  args16 = None
   fl = flops(B, S, Hq, D, causal)
   rows = []
   for name, f in impls(causal, Hq, Hkv, pallas_kw).items():
@@ -115,7 +133,10 @@ def run_case(B, S, Hq, Hkv, D, causal, which, iters, reps, pallas_kw=None):
         res = dict(status="skipped (S^2 scores do not fit)")
       else:
         try:
-          t = bench(mk(f), args, iters=iters, reps=reps)
+          if name.endswith("_f16") and args16 is None:
+            args16 = [tuple(a.astype(jnp.float16) for a in s) for s in args]
+          t = bench(mk(f), args16 if name.endswith("_f16") else args,
+                    iters=iters, reps=reps)
           res = dict(ms=t * 1e3, tflops=fl * mult / t / 1e12, status="ok")
         except Exception as e:
           res = dict(status=f"error: {type(e).__name__}: {str(e)[:120]}")
@@ -193,7 +214,8 @@ def main():
   p.add_argument("--gqa", type=str, default="32,8",
                  help="Hq,Hkv for the extra GQA case at S=4096 ('' = none)")
   p.add_argument("--impls", type=str, default="",
-                 help="comma list among pallas, cudnn, xla, jax_mha")
+                 help="comma list among pallas (default dispatch), pallas_triton, cudnn, xla, "
+                      "jax_mha, jax_mgpu, jax_mgpu_f16, tokamax")
   p.add_argument("--iters", type=int, default=10)
   p.add_argument("--reps", type=int, default=7)
   p.add_argument("--json", type=str, default="")
