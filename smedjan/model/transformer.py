@@ -4,7 +4,9 @@ Parameters are a flat dict keyed by Hugging Face tensor names. Per-layer tensors
 stacked on a leading layer axis under the name with the index dropped
 ("model.layers.self_attn.q_proj.weight" holds every layer's q_proj), so the layer
 stack runs as one `lax.scan` and compile time does not grow with depth. Weights keep
-HF's [out, in] layout; checkpoint I/O is then a reshape, never a transpose.
+HF's [out, in] layout; checkpoint I/O is then a reshape, never a transpose. q/k/v and gate/up
+stay separate parameters; a layer joins each group (a small copy of the weights) to run it as
+one GEMM.
 """
 
 from __future__ import annotations
@@ -93,22 +95,43 @@ def linear(x, w, b=None):
 
 
 def mlp(x, p):
-    gate = linear(x, p["mlp.gate_proj.weight"])
-    up = linear(x, p["mlp.up_proj.weight"])
+    # Gate and up as one GEMM on the stacked weights: the backward then runs one dx and one dW
+    # GEMM on d(gate, up), written by one fused elementwise pass. With two projections XLA merges
+    # their dW GEMMs (they share x) and must first copy the cotangents into one activation-sized
+    # buffer. Stacked on a new axis, not concatenated along F, so a tensor-parallel split of F
+    # stays local.
+    w = jnp.stack([p["mlp.gate_proj.weight"], p["mlp.up_proj.weight"]])
+    gu = jnp.einsum("...d,kfd->...kf", x, w.astype(x.dtype))
     # Named so a remat policy can keep the SwiGLU product (re-deriving it reads all of gate and up).
-    return linear(checkpoint_name(jax.nn.silu(gate) * up, "mlp_act"), p["mlp.down_proj.weight"])
+    act = checkpoint_name(jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :], "mlp_act")
+    return linear(act, p["mlp.down_proj.weight"])
+
+
+def qkv_proj(x, p, cfg: ModelConfig):
+    """q [..., H, hd], k and v [..., Hkv, hd] from one GEMM, for the same reasons as `mlp`'s.
+
+    The weights are grouped per kv head, [Hkv, G + 2, hd, D]: its G query heads, its k, its v
+    (HF's GQA gives query head h the kv head h // G), so a tensor-parallel split of the heads
+    stays local.
+    """
+    hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+    def grouped(kind):  # each [heads·hd, ...] as [Hkv, heads / Hkv, hd, ...], joined on the group axis
+        ts = [p[f"self_attn.{n}_proj.{kind}"] for n in "qkv"]
+        return jnp.concatenate([t.reshape(hkv, -1, hd, *t.shape[1:]) for t in ts], axis=1)
+
+    y = jnp.einsum("...d,kghd->...kgh", x, grouped("weight").astype(x.dtype))
+    if "self_attn.q_proj.bias" in p:
+        y = y + grouped("bias").astype(x.dtype)
+    q, k, v = jnp.split(y, [hq // hkv, hq // hkv + 1], axis=-2)
+    return q.reshape(*q.shape[:-3], hq, hd), k[..., 0, :], v[..., 0, :]
 
 
 def self_attention(x, p, cfg: ModelConfig, cos, sin, q_pos, cache_kv, segment_ids, impl):
     """Returns the attention output and, when decoding, the updated (k, v) cache of this layer."""
     b, s, _ = x.shape
     hd = cfg.head_dim
-    q = linear(x, p["self_attn.q_proj.weight"], p.get("self_attn.q_proj.bias"))
-    k = linear(x, p["self_attn.k_proj.weight"], p.get("self_attn.k_proj.bias"))
-    v = linear(x, p["self_attn.v_proj.weight"], p.get("self_attn.v_proj.bias"))
-    q = q.reshape(b, s, cfg.num_attention_heads, hd)
-    k = k.reshape(b, s, cfg.num_key_value_heads, hd)
-    v = v.reshape(b, s, cfg.num_key_value_heads, hd)
+    q, k, v = qkv_proj(x, p, cfg)
     if cfg.qk_norm:  # Qwen3 normalises each head before RoPE
         q = rms_norm(q, p["self_attn.q_norm.weight"], cfg.rms_norm_eps)
         k = rms_norm(k, p["self_attn.k_norm.weight"], cfg.rms_norm_eps)
