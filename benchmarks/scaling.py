@@ -113,10 +113,14 @@ def main(argv=None):
         sh = state_shardings(cfg, opt, one)
         template = jax.eval_shape(lambda: init_train_state(cfg, jax.random.key(0), opt))
         restored, _ = load_checkpoint(ckpt, template, sh)
+        ckpt1 = save_checkpoint(os.path.join(tmp, "one"), restored, {"step": args.steps})  # written on 1
         step1 = make_train_step(cfg, opt, attn_impl=args.attn, remat=args.remat, compute_dtype=dtype, mesh=one)
         _, got = step1(restored, {"tokens": put_batch(extra, batch_sharding(one))})
-    resume = {"from": results[list(runs)[-1]]["mesh"], "to": "data=1", "loss_continuing": float(ref["loss"]),
-              "loss_resumed": float(got["loss"])}
+        back, _ = load_checkpoint(ckpt1, template, state_shardings(cfg, opt, mesh))  # and vice versa
+        _, got_back = step(back, {"tokens": put_batch(extra, batch_sharding(mesh))})
+    big = results[list(runs)[-1]]["mesh"]
+    resume = {"from": big, "to": "data=1", "loss_continuing": float(ref["loss"]),
+              "loss_resumed": float(got["loss"]), "loss_resumed_back_on_" + big: float(got_back["loss"])}
 
     if args.json:
         print(json.dumps({"config": vars(args), "results": results, "resume": resume}, indent=2))
@@ -129,7 +133,8 @@ def main(argv=None):
         print(f"{name:<22}{r['tokens_per_s']:>12,.0f}{mfu:>9}{100 * r['scaling_efficiency']:>8.1f}%"
               f"{r['max_loss_diff_vs_1']:>13.2e}  {[round(x, 4) for x in r['losses'][:3]]}")
     print(f"resume {resume['from']} -> {resume['to']}: next-step loss {resume['loss_continuing']:.5f} continuing, "
-          f"{resume['loss_resumed']:.5f} resumed")
+          f"{resume['loss_resumed']:.5f} resumed; saved on data=1, resumed on {resume['from']}: "
+          f"{resume['loss_resumed_back_on_' + resume['from']]:.5f}")
 
 
 if __name__ == "__main__":
