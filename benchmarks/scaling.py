@@ -91,17 +91,24 @@ def main(argv=None):
     if n > 1:
         runs[f"data parallel x{n}"] = (f"data={n}", devs[:n])
         runs[f"fsdp x{n}"] = (f"fsdp={n}", devs[:n])
+    if not args.json:
+        print(f"{args.size}: batch {args.batch} x {args.seq_len}, {args.precision}, remat={args.remat}, "
+              f"attn={args.attn}, device {devs[0].device_kind}")
+        print(f"{'run':<22}{'tok/s':>12}{'MFU/dev':>9}{'scaling':>9}{'max |dloss|':>13}  first losses", flush=True)
     results, last = {}, None
     for name, (spec, d) in runs.items():
         mesh, opt, step, state, losses, tok_s = run_mesh(cfg, spec, d, data, args, dtype)
         ndev = len(d)
-        results[name] = {"mesh": spec, "devices": ndev, "tokens_per_s": tok_s, "losses": losses,
-                         "mfu_per_device": None if peak is None else tok_s * flops_tok / ndev / peak}
+        r = results[name] = {"mesh": spec, "devices": ndev, "tokens_per_s": tok_s, "losses": losses,
+                             "mfu_per_device": None if peak is None else tok_s * flops_tok / ndev / peak}
+        base = results["1 device"]
+        r["scaling_efficiency"] = tok_s / (ndev * base["tokens_per_s"])
+        r["max_loss_diff_vs_1"] = max(abs(a - b) for a, b in zip(losses, base["losses"]))
         last = (mesh, opt, step, state)
-    base = results["1 device"]["tokens_per_s"]
-    for r in results.values():
-        r["scaling_efficiency"] = r["tokens_per_s"] / (r["devices"] * base)
-        r["max_loss_diff_vs_1"] = max(abs(a - b) for a, b in zip(r["losses"], results["1 device"]["losses"]))
+        if not args.json:  # row by row, so a run cut short still shows what finished
+            mfu = "n/a" if r["mfu_per_device"] is None else f"{100 * r['mfu_per_device']:.1f}%"
+            print(f"{name:<22}{tok_s:>12,.0f}{mfu:>9}{100 * r['scaling_efficiency']:>8.1f}%"
+                  f"{r['max_loss_diff_vs_1']:>13.2e}  {[round(x, 4) for x in losses[:3]]}", flush=True)
 
     # Resume across meshes: checkpoint from the last (largest) mesh, one more step on 1 device.
     mesh, opt, step, state = last
@@ -125,13 +132,6 @@ def main(argv=None):
     if args.json:
         print(json.dumps({"config": vars(args), "results": results, "resume": resume}, indent=2))
         return
-    print(f"{args.size}: batch {args.batch} x {args.seq_len}, {args.precision}, remat={args.remat}, "
-          f"attn={args.attn}, device {devs[0].device_kind}")
-    print(f"{'run':<22}{'tok/s':>12}{'MFU/dev':>9}{'scaling':>9}{'max |dloss|':>13}  first losses")
-    for name, r in results.items():
-        mfu = "n/a" if r["mfu_per_device"] is None else f"{100 * r['mfu_per_device']:.1f}%"
-        print(f"{name:<22}{r['tokens_per_s']:>12,.0f}{mfu:>9}{100 * r['scaling_efficiency']:>8.1f}%"
-              f"{r['max_loss_diff_vs_1']:>13.2e}  {[round(x, 4) for x in r['losses'][:3]]}")
     print(f"resume {resume['from']} -> {resume['to']}: next-step loss {resume['loss_continuing']:.5f} continuing, "
           f"{resume['loss_resumed']:.5f} resumed; saved on data=1, resumed on {resume['from']}: "
           f"{resume['loss_resumed_back_on_' + resume['from']]:.5f}")
