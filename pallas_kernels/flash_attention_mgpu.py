@@ -112,6 +112,23 @@ def _smem(shape, dtype):
                                               plgpu.SwizzleTransform(128)))
 
 
+def _stream(n_steps, stages, load, free):
+  """The memory warpgroup's loop: fill the `stages` slots, then refill slot t % stages with step
+  t (`load(t, slot, wait=True)` waits for the slot's release itself), and finally observe the
+  last releases (barriers in `free`), so every thread sees every barrier phase."""
+  for i in range(stages):
+    pl.when(i < n_steps)(functools.partial(load, i, i, False))
+
+  @pl.loop(stages, n_steps)
+  def _(t):
+    load(t, _rem(t, stages), True)
+
+  @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
+  def _(t):
+    for bar in free:
+      plgpu.barrier_wait(bar.at[_rem(t, stages)])
+
+
 def _kernel(body, out_type, scratch, grid, grid_names):
   return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=grid,
                       grid_names=grid_names, num_threads=3, thread_name="wg",
@@ -242,17 +259,7 @@ def _fwd(q, k, v, *, causal, scale, block_kv=128, stages=2):
           plgpu.barrier_wait(v_free.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
 
-      for i in range(stages):
-        pl.when(i < n_steps)(functools.partial(load, i, i, False))
-
-      @pl.loop(stages, n_steps)
-      def _(i):
-        load(i, _rem(i, stages), True)
-
-      @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
-      def _(i):  # observe the last releases too
-        plgpu.barrier_wait(k_free.at[_rem(i, stages)])
-        plgpu.barrier_wait(v_free.at[_rem(i, stages)])
+      _stream(n_steps, stages, load, (k_free, v_free))
 
   scratch = [
       _smem((2, ROWS, D), dtype), _smem((stages, block_kv, D), dtype),
@@ -346,16 +353,7 @@ def _dq(q, k, v, do, lse, delta, *, causal, scale, block_kv=64, stages=2):
         plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
 
-      for i in range(stages):
-        pl.when(i < n_steps)(functools.partial(load, i, i, False))
-
-      @pl.loop(stages, n_steps)
-      def _(i):
-        load(i, _rem(i, stages), True)
-
-      @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
-      def _(i):
-        plgpu.barrier_wait(kv_free.at[_rem(i, stages)])
+      _stream(n_steps, stages, load, (kv_free,))
 
   scratch = [
       _smem((2, ROWS, D), dtype), _smem((2, ROWS, D), dtype),
@@ -455,6 +453,7 @@ def _dkv(q, k, v, do, lse, delta, *, causal, scale, block_q=64, stages=2):
       plgpu.set_max_registers(40, action="decrease")
 
       def load(t, slot, wait):
+        t = jnp.int32(t) if isinstance(t, int) else t  # the prologue passes Python ints
         head = hk * G + lax.div(t, n_q)
         q0 = (q_start + _rem(t, n_q)) * block_q
         if wait:
@@ -467,16 +466,7 @@ def _dkv(q, k, v, do, lse, delta, *, causal, scale, block_q=64, stages=2):
         plgpu.copy_gmem_to_smem(delta_ref.at[b, head, pl.ds(q0, block_q)], delta_smem.at[slot],
                                 delta_ready.at[slot])
 
-      for i in range(stages):
-        pl.when(i < total)(functools.partial(load, jnp.int32(i), i, False))
-
-      @pl.loop(stages, total)
-      def _(t):
-        load(t, _rem(t, stages), True)
-
-      @pl.loop(jnp.maximum(total - stages, 0), total)
-      def _(t):
-        plgpu.barrier_wait(free.at[_rem(t, stages)])
+      _stream(total, stages, load, (free,))
 
   scratch = [
       _smem((2, ROWS, D), dtype), _smem((2, ROWS, D), dtype),
