@@ -7,22 +7,8 @@ import pytest
 
 from smedjan.config import preset
 from smedjan.model import transformer
-from smedjan.model.transformer import forward, init_params, linear
+from smedjan.model.transformer import forward, init_params
 from smedjan.train.loss import chunked_cross_entropy
-
-
-def separate_mlp(x, p):
-    gate = linear(x, p["mlp.gate_proj.weight"])
-    up = linear(x, p["mlp.up_proj.weight"])
-    return linear(jax.nn.silu(gate) * up, p["mlp.down_proj.weight"])
-
-
-def separate_qkv(x, p, cfg):
-    def proj(n, heads):
-        y = linear(x, p[f"self_attn.{n}_proj.weight"], p.get(f"self_attn.{n}_proj.bias"))
-        return y.reshape(*x.shape[:-1], heads, cfg.head_dim)
-    return (proj("q", cfg.num_attention_heads), proj("k", cfg.num_key_value_heads),
-            proj("v", cfg.num_key_value_heads))
 
 
 @pytest.mark.parametrize("model_type,heads,kv_heads", [("llama", 4, 4), ("qwen2", 6, 2), ("qwen3", 4, 1)])
@@ -42,9 +28,9 @@ def test_fused_projections_equal_separate(monkeypatch, model_type, heads, kv_hea
         s, n = chunked_cross_entropy(hidden, p["model.embed_tokens.weight"], targets, chunk_size=8)
         return s / n
 
+    monkeypatch.setattr(transformer, "FUSE_PROJECTIONS", True)
     fused = {r: (forward(params, tokens, cfg), jax.value_and_grad(run)(params, r)) for r in ("none", "dots")}
-    monkeypatch.setattr(transformer, "mlp", separate_mlp)
-    monkeypatch.setattr(transformer, "qkv_proj", separate_qkv)
+    monkeypatch.setattr(transformer, "FUSE_PROJECTIONS", False)
     ref_logits = forward(params, tokens, cfg)
     ref_loss, ref_grads = jax.value_and_grad(run)(params, "none")
 
@@ -59,8 +45,9 @@ def test_fused_projections_equal_separate(monkeypatch, model_type, heads, kv_hea
                                        err_msg=k)
 
 
-def test_one_gemm_per_projection_group():
-    """A layer's forward runs qkv, q·kᵀ, p·v, o, gate·up, down: 6 dot_generals, not 9."""
+def test_one_gemm_per_projection_group(monkeypatch):
+    """Fused (the GPU default), a layer's forward runs qkv, q·kᵀ, p·v, o, gate·up, down: 6 dot_generals, not 9."""
+    monkeypatch.setattr(transformer, "FUSE_PROJECTIONS", True)
     cfg = preset("tiny", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=8, vocab_size=64)
     params = init_params(cfg, jax.random.key(0))

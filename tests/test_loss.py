@@ -5,10 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from smedjan.train import loss
 from smedjan.train.loss import _logsumexp_rows, chunked_cross_entropy, naive_cross_entropy
 
 
-def test_one_pass_logsumexp_matches_jax():
+def test_one_pass_logsumexp_matches_jax(monkeypatch):
+    monkeypatch.setattr(loss, "ONE_PASS_LSE", True)
     x = 40.0 * jax.random.normal(jax.random.key(0), (7, 1003))
     x = (x.at[1].set(-jnp.inf)              # a row of -inf: -inf, not nan
           .at[2, :900].set(-jnp.inf)        # mostly -inf
@@ -25,8 +27,10 @@ def test_one_pass_logsumexp_matches_jax():
     np.testing.assert_allclose(np.asarray(_logsumexp_rows(x[:, :1]))[[0, 5, 6]], np.asarray(x[[0, 5, 6], 0]))
 
 
+@pytest.mark.parametrize("one_pass", [True, False])  # the GPU's and the other backends' log-sum-exp
 @pytest.mark.parametrize("chunk", [16, 23, 74, 512])
-def test_padding_and_ignored_targets_equal_naive(chunk):
+def test_padding_and_ignored_targets_equal_naive(monkeypatch, chunk, one_pass):
+    monkeypatch.setattr(loss, "ONE_PASS_LSE", one_pass)
     # 2 x 37 = 74 tokens: chunk 16 pads 6 rows, 23 pads 18; the first 20 targets (all of chunk 0 at 16)
     # and the last 3 are ignored
     k = jax.random.split(jax.random.key(1), 3)
@@ -52,9 +56,10 @@ def test_padding_and_ignored_targets_equal_naive(chunk):
     assert not np.any(np.asarray(g[0])[0, :20]) and not np.any(np.asarray(g[0])[1, -3:])  # ignored: no gradient
 
 
-def test_loss_reads_logits_in_one_reduce_and_one_elementwise_pass():
-    """Forward+grad lowering: one reduce and one exp over the [c, V] logits, no scatter (the
-    onehot is an iota compare inside the dlogits expression)."""
+def test_loss_reads_logits_in_one_reduce_and_one_elementwise_pass(monkeypatch):
+    """Forward+grad lowering with the GPU's one-pass log-sum-exp: one reduce and one exp over the
+    [c, V] logits, no scatter (the onehot is an iota compare inside the dlogits expression)."""
+    monkeypatch.setattr(loss, "ONE_PASS_LSE", True)
     hidden = jnp.zeros((2, 40, 16), jnp.bfloat16)
     weight = jnp.zeros((96, 16))
     targets = jnp.zeros((2, 40), jnp.int32)
