@@ -44,6 +44,7 @@ f32 = jnp.float32
 LOG2E = math.log2(math.e)
 ROWS = 64  # rows per compute warpgroup: the M of one wgmma tile
 NEW_API = tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
+_INTERPRET = None  # set by tests: InterpretGPUParams to run the kernels on CPU
 
 
 # ---- version shims (jax 0.10 lowers these kernels on CPU in CI; 0.11 runs them on the H100) --
@@ -66,9 +67,6 @@ def _cdiv(a, b):
 
 def _rem(i, n):
   return lax.rem(i, jnp.asarray(n, i.dtype))
-
-
-_INTERPRET = None  # set by tests: InterpretGPUParams to run the kernels on CPU
 
 
 def _mma(*triples, during=None):
@@ -512,8 +510,3 @@ def mgpu_flash_attention(q, k, v, *, causal=True, sm_scale=None):
   scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
   return _attention(q, k, v, bool(causal), scale)
 
-
-def lse_and_out(q, k, v, *, causal=True, sm_scale=None):
-  """(out, lse2) of the forward kernel, for tests: lse2 is the base-2 log-sum-exp per row."""
-  scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
-  return _fwd(q, k, v, causal=causal, scale=scale)
