@@ -127,6 +127,19 @@ def _stream(n_steps, stages, load, free):
       plgpu.barrier_wait(bar.at[_rem(t, stages)])
 
 
+def _kv_loop(step, drain, carry, *, causal, q0, my_steps, n_steps, block_kv):
+  """A compute warpgroup's loop over kv blocks (forward and dq): blocks every row of q0's block
+  sees run `step(masked=False)`, the diagonal ones `step(masked=True)`; causal programs then
+  `drain` the blocks only the other warpgroup needs."""
+  if not causal:
+    return lax.fori_loop(0, n_steps, functools.partial(step, masked=False), carry)
+  full = lax.div(q0, block_kv)
+  carry = lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
+  carry = lax.fori_loop(full, my_steps, functools.partial(step, masked=True), carry)
+  lax.fori_loop(my_steps, n_steps, drain, None)
+  return carry
+
+
 def _kernel(body, out_type, scratch, grid, grid_names):
   return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=grid,
                       grid_names=grid_names, num_threads=3, thread_name="wg",
@@ -224,15 +237,8 @@ def _fwd(q, k, v, *, causal, scale, block_kv=128, stages=2):
         take_turn()
         take_turn()
 
-      carry = (acc, m, l)
-      if causal:
-        full = lax.div(q0, block_kv)
-        carry = lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
-        carry = lax.fori_loop(full, my_steps, functools.partial(step, masked=True), carry)
-        lax.fori_loop(my_steps, n_steps, drain, None)
-      else:
-        carry = lax.fori_loop(0, nkv, functools.partial(step, masked=False), carry)
-      acc, m, l = carry
+      acc, m, l = _kv_loop(step, drain, (acc, m, l), causal=causal, q0=q0, my_steps=my_steps,
+                           n_steps=n_steps, block_kv=block_kv)
       pl.when(wg == 0)(take_turn)
 
       inv = 1.0 / l
@@ -326,14 +332,8 @@ def _dq(q, k, v, do, lse, delta, *, causal, scale, block_kv=64, stages=2):
         plgpu.barrier_wait(v_ready.at[slot])
         plgpu.barrier_arrive(kv_free.at[slot])
 
-      dq = _zeros((ROWS, D))
-      if causal:
-        full = lax.div(q0, block_kv)
-        dq = lax.fori_loop(0, full, functools.partial(step, masked=False), dq)
-        dq = lax.fori_loop(full, my_steps, functools.partial(step, masked=True), dq)
-        lax.fori_loop(my_steps, n_steps, drain, None)
-      else:
-        dq = lax.fori_loop(0, nkv, functools.partial(step, masked=False), dq)
+      dq = _kv_loop(step, drain, _zeros((ROWS, D)), causal=causal, q0=q0, my_steps=my_steps,
+                    n_steps=n_steps, block_kv=block_kv)
       q_smem[...] = (dq * scale).astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
