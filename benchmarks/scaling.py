@@ -125,16 +125,15 @@ def main(argv=None):
         _, got = step1(restored, {"tokens": put_batch(extra, batch_sharding(one))})
         back, _ = load_checkpoint(ckpt1, template, state_shardings(cfg, opt, mesh))  # and vice versa
         _, got_back = step(back, {"tokens": put_batch(extra, batch_sharding(mesh))})
-    big = results[list(runs)[-1]]["mesh"]
-    resume = {"from": big, "to": "data=1", "loss_continuing": float(ref["loss"]),
-              "loss_resumed": float(got["loss"]), "loss_resumed_back_on_" + big: float(got_back["loss"])}
+    resume = {"from": results[list(runs)[-1]]["mesh"], "to": "data=1", "loss_continuing": float(ref["loss"]),
+              "loss_resumed": float(got["loss"]), "loss_resumed_back": float(got_back["loss"])}
 
     if args.json:
         print(json.dumps({"config": vars(args), "results": results, "resume": resume}, indent=2))
         return
     print(f"resume {resume['from']} -> {resume['to']}: next-step loss {resume['loss_continuing']:.5f} continuing, "
           f"{resume['loss_resumed']:.5f} resumed; saved on data=1, resumed on {resume['from']}: "
-          f"{resume['loss_resumed_back_on_' + resume['from']]:.5f}")
+          f"{resume['loss_resumed_back']:.5f}")
 
 
 if __name__ == "__main__":

@@ -256,7 +256,7 @@ def _prefill_forward(w, cfg: ModelConfig, caches, tokens, lens, slots, impl: str
     x = jnp.take(w["embed"], tokens, axis=0)
     cos, sin = rope_cos_sin(cfg, positions, seq_len=jnp.max(lens))
     # Off GPU the Pallas kernels only interpret: far too slow for serving, so prefill in XLA there.
-    impl = "auto" if impl == "pallas_fused" else impl  # the fused kernel is decode-only: cuDNN/XLA prefill
+    impl = "auto" if impl == "pallas_fused" else impl  # the fused kernel is decode-only: prefill as the model's auto
     prefill_impl = "xla" if impl == "pallas" and jax.default_backend() != "gpu" else impl
     new_caches = []
     for p, (ck, cv) in zip(w["layers"], caches):
