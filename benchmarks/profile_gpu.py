@@ -220,7 +220,8 @@ def decode_fn(cfg, args, variant: dict):
         runner.state = dict(runner.state, pos=jnp.full((1,), args.prompt, jnp.int32))
         runner.state, toks, *_ = gen.decode_loop(runner.w, runner.state, first, jnp.ones((1,), jnp.bool_),
                                                  jnp.asarray([-1], jnp.int32), cfg=cfg, n_steps=args.new,
-                                                 kv_len=kv_len, impl=attn)
+                                                 kv_len=kv_len, impl=runner.attn_impl,
+                                                 sampling=gen.sampling_mode([row]))
         return toks
 
     return call, args.new

@@ -126,7 +126,8 @@ def timed_decode_loop(runner, cfg, prompt: list[int], row: dict, n_new: int, kv_
     t0 = time.perf_counter()
     runner.state, toks, *_ = gen.decode_loop(runner.w, runner.state, first, jnp.ones((1,), jnp.bool_),
                                              jnp.asarray([-1], jnp.int32), cfg=cfg, n_steps=n_new,
-                                             kv_len=kv_len, impl=runner.attn_impl)
+                                             kv_len=kv_len, impl=runner.attn_impl,
+                                             sampling=gen.sampling_mode([row]))
     toks = jax.block_until_ready(toks)
     return time.perf_counter() - t0, toks
 

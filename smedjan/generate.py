@@ -321,16 +321,39 @@ def _sample_rows(logits, samp, key_pos):
     return jnp.take_along_axis(idx, choice[:, None], axis=1)[:, 0].astype(jnp.int32)
 
 
-def _sample(logits, samp, counts, prompt_mask, key_pos, top_n: int):
-    """logits fp32 [B, V] -> dict(tok [B], logprob [B], and top_ids/top_logprobs [B, top_n] if top_n)."""
+def sampling_mode(rows: list[dict]) -> tuple[bool, bool]:
+    """(does any row sample, does any row use a penalty) for `rows` of `SamplingParams.row`: the
+    host knows this, so the jitted steps can be specialised to it (`_sample`'s `mode`)."""
+    sampled = any(r["temperature"] > 0 for r in rows)
+    penalized = any(r["repetition_penalty"] != 1.0 or r["presence_penalty"] != 0.0 or r["frequency_penalty"] != 0.0
+                    for r in rows)
+    return bool(sampled), bool(penalized)
+
+
+def _sample(logits, samp, counts, prompt_mask, key_pos, top_n: int, mode: tuple[bool, bool] | None = None):
+    """logits fp32 [B, V] -> dict(tok [B], logprob [B], and top_ids/top_logprobs [B, top_n] if top_n).
+
+    mode: None decides on the device whether any row samples or uses a penalty (`lax.cond`);
+    a static (sampled, penalized) pair from `sampling_mode` leaves the branches not taken out of
+    the program. A conditional inside the decode loop costs a device-to-host round trip per
+    token on GPU, a large part of a small model's step.
+    """
     logprobs = jax.nn.log_softmax(logits, axis=-1)
-    any_pen = (jnp.any(samp["repetition_penalty"] != 1.0) | jnp.any(samp["presence_penalty"] != 0.0)
-               | jnp.any(samp["frequency_penalty"] != 0.0))
-    logits = jax.lax.cond(any_pen, lambda l: _penalize(l, samp, counts, prompt_mask), lambda l: l, logits)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    tok = jax.lax.cond(jnp.all(samp["temperature"] <= 0), lambda l: greedy,
-                       lambda l: jnp.where(samp["temperature"] > 0, _sample_rows(l, samp, key_pos), greedy),
-                       logits)
+    if mode is None:
+        any_pen = (jnp.any(samp["repetition_penalty"] != 1.0) | jnp.any(samp["presence_penalty"] != 0.0)
+                   | jnp.any(samp["frequency_penalty"] != 0.0))
+        logits = jax.lax.cond(any_pen, lambda l: _penalize(l, samp, counts, prompt_mask), lambda l: l, logits)
+        greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        tok = jax.lax.cond(jnp.all(samp["temperature"] <= 0), lambda l: greedy,
+                           lambda l: jnp.where(samp["temperature"] > 0, _sample_rows(l, samp, key_pos), greedy),
+                           logits)
+    else:
+        sampled, penalized = mode
+        if penalized:
+            logits = _penalize(logits, samp, counts, prompt_mask)
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        if sampled:
+            tok = jnp.where(samp["temperature"] > 0, _sample_rows(logits, samp, key_pos), tok)
     out = {"tok": tok, "logprob": jnp.take_along_axis(logprobs, tok[:, None], axis=1)[:, 0]}
     if top_n:
         out["top_logprobs"], out["top_ids"] = jax.lax.top_k(logprobs, top_n)
@@ -352,9 +375,9 @@ def init_state(cfg: ModelConfig, batch: int, max_len: int, dtype) -> dict:
     }
 
 
-def _step_core(w, state, active, cfg, kv_len, impl, top_n):
+def _step_core(w, state, active, cfg, kv_len, impl, top_n, sampling):
     logits, caches = _decode_forward(w, cfg, state["caches"], state["tok"], state["pos"], active, kv_len, impl)
-    out = _sample(logits, state["samp"], state["counts"], state["prompt_mask"], state["pos"], top_n)
+    out = _sample(logits, state["samp"], state["counts"], state["prompt_mask"], state["pos"], top_n, sampling)
     b = logits.shape[0]
     tok = jnp.where(active, out["tok"], state["tok"])
     new = dict(state, caches=caches, tok=tok, pos=jnp.where(active, state["pos"] + 1, state["pos"]),
@@ -370,10 +393,11 @@ def decode_steps(w, state, active, cfg: ModelConfig, kv_len: int, impl: str = "x
     Inactive slots neither advance nor count. The count is fixed (no early exit): a row that
     stops inside the chunk keeps decoding until its end and the caller drops those tokens.
     Several steps per dispatch amortise the host cost of a dispatch, which at batch 64 on an
-    H100 is larger than the GPU work of one step.
+    H100 is larger than the GPU work of one step. Sampling is decided on the device (`_sample`'s
+    mode None): a server's rows change, and a specialised program per mix would compile mid-stream.
     """
-    return jax.lax.scan(lambda st, _: _step_core(w, st, active, cfg, kv_len, impl, top_n), state, None,
-                        length=n_steps)
+    return jax.lax.scan(lambda st, _: _step_core(w, st, active, cfg, kv_len, impl, top_n, None), state,
+                        None, length=n_steps)
 
 
 @partial(jax.jit, static_argnames=("cfg", "impl", "top_n"), donate_argnames=("state",))
@@ -396,37 +420,59 @@ def prefill_step(w, state, tokens, lens, slots, samp, cfg: ModelConfig, impl: st
     return new, out
 
 
-@partial(jax.jit, static_argnames=("cfg", "n_steps", "kv_len", "impl", "top_n"), donate_argnames=("state",))
+LOOP_CHUNK = 16  # decode steps per early-exit check in `decode_loop`
+
+
+@partial(jax.jit, static_argnames=("cfg", "n_steps", "kv_len", "impl", "top_n", "sampling", "chunk"),
+         donate_argnames=("state",))
 def decode_loop(w, state, first, active, stop_ids, cfg: ModelConfig, n_steps: int, kv_len: int,
-                impl: str = "xla", top_n: int = 0):
+                impl: str = "xla", top_n: int = 0, sampling: tuple[bool, bool] | None = None,
+                chunk: int = LOOP_CHUNK):
     """Up to `n_steps` decode steps on the device; stops early once every row is done.
 
     first: the prefill's output dict; stop_ids [K] int32 (-1 padded). Returns (state, tokens [B, n_steps+1],
     logprobs [B, n_steps+1], top (or None), steps taken); rows are -1 after their stop token.
+
+    The steps run `chunk` at a time as a fixed-length scan, and the loop checks for early exit
+    between chunks: on GPU a while loop copies its condition to the host every iteration, which
+    for a small model costs as much as the step itself. A row past its stop token, or a step past
+    `n_steps`, is inactive (writes nothing, does not advance); the results equal one step at a time.
+    `sampling`: see `_sample`'s `mode`.
     """
     b = first["tok"].shape[0]
-    toks = jnp.full((b, n_steps + 1), -1, jnp.int32).at[:, 0].set(first["tok"])
-    lps = jnp.zeros((b, n_steps + 1), jnp.float32).at[:, 0].set(first["logprob"])
+    c = max(1, min(chunk, n_steps))
+    width = n_steps + c  # room for the columns the last chunk runs past n_steps (dropped below)
+    toks = jnp.full((b, width), -1, jnp.int32).at[:, 0].set(first["tok"])
+    lps = jnp.zeros((b, width), jnp.float32).at[:, 0].set(first["logprob"])
     tops = None
     if top_n:
-        tops = (jnp.zeros((b, n_steps + 1, top_n), jnp.float32).at[:, 0].set(first["top_logprobs"]),
-                jnp.zeros((b, n_steps + 1, top_n), jnp.int32).at[:, 0].set(first["top_ids"]))
+        tops = (jnp.zeros((b, width, top_n), jnp.float32).at[:, 0].set(first["top_logprobs"]),
+                jnp.zeros((b, width, top_n), jnp.int32).at[:, 0].set(first["top_ids"]))
     done = ~active | jnp.isin(first["tok"], stop_ids)
 
-    def cond(c):
-        return (c[1] <= n_steps) & ~jnp.all(c[5])
-
-    def body(c):
-        state, i, toks, lps, tops, done = c
-        state, out = _step_core(w, state, ~done, cfg, kv_len, impl, top_n)
-        toks = toks.at[:, i].set(jnp.where(done, -1, out["tok"]))
+    def step(carry, _):
+        state, i, toks, lps, tops, done = carry
+        live = ~done & (i <= n_steps)
+        state, out = _step_core(w, state, live, cfg, kv_len, impl, top_n, sampling)
+        toks = toks.at[:, i].set(jnp.where(live, out["tok"], -1))
         lps = lps.at[:, i].set(out["logprob"])
         if top_n:
             tops = (tops[0].at[:, i].set(out["top_logprobs"]), tops[1].at[:, i].set(out["top_ids"]))
-        done = done | jnp.isin(out["tok"], stop_ids)
-        return state, i + 1, toks, lps, tops, done
+        done = done | (live & jnp.isin(out["tok"], stop_ids))
+        return (state, i + 1, toks, lps, tops, done), None
 
-    state, steps, toks, lps, tops, done = jax.lax.while_loop(cond, body, (state, 1, toks, lps, tops, done))
+    def cond(carry):
+        return (carry[1] <= n_steps) & ~jnp.all(carry[5])
+
+    def body(carry):
+        return jax.lax.scan(step, carry, None, length=c)[0]
+
+    state, _, toks, lps, tops, _ = jax.lax.while_loop(cond, body, (state, 1, toks, lps, tops, done))
+    keep = n_steps + 1
+    toks, lps = toks[:, :keep], lps[:, :keep]
+    if top_n:
+        tops = (tops[0][:, :keep], tops[1][:, :keep])
+    steps = jnp.max(jnp.sum(toks >= 0, axis=1))  # columns up to the last row's stop token (or all)
     return state, toks, lps, tops, steps
 
 
@@ -554,7 +600,7 @@ def generate(params, cfg: ModelConfig, prompt_ids: list[list[int]], max_new_toke
     kv_len = next_bucket(longest + max_new_tokens, t)
     runner.state, toks, lps, _, _ = decode_loop(w, runner.state, first, jnp.ones((b,), jnp.bool_), stop_arr,
                                                 cfg=cfg, n_steps=n_steps, kv_len=kv_len,
-                                                impl=runner.attn_impl)
+                                                impl=runner.attn_impl, sampling=sampling_mode(rows))
     toks, lps = np.asarray(toks), np.asarray(lps)
     out_t, out_l = [], []
     for i in range(b):

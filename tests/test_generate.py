@@ -187,3 +187,39 @@ def test_decode_impl_auto_resolves_per_backend(monkeypatch):
         resolve_decode_impl("flash")
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert resolve_decode_impl("auto") == "pallas_fused"  # the H100-measured fastest
+
+
+@pytest.mark.parametrize("rows_kw", [
+    [dict(), dict()],  # all greedy: the loop is specialised to argmax
+    [dict(temperature=1.2, top_k=20), dict(repetition_penalty=1.3, presence_penalty=0.5)],
+])
+def test_decode_loop_chunks_and_static_sampling_equal_one_step_at_a_time(hf_llama, rows_kw):
+    """The chunked early-exit loop, specialised to the rows' sampling, gives exactly what one step
+    at a time with on-device sampling decisions gives: tokens, logprobs, steps, final positions."""
+    from smedjan import generate as gen
+
+    _, cfg, params = hf_llama
+    prompts = [[5, 17, 42, 9], [100, 3, 8]]
+    rows = [gen.SamplingParams(max_new_tokens=16, seed=i, **kw).row(i) for i, kw in enumerate(rows_kw)]
+    n_steps = 13  # not a multiple of the chunk
+
+    def run(chunk, sampling, stop_ids):
+        runner = gen.Runner(params, cfg, 2, 64, attn_impl="xla")
+        first = runner.prefill([0, 1], prompts, rows)
+        state, toks, lps, _, steps = gen.decode_loop(
+            runner.w, runner.state, first, jnp.ones((2,), jnp.bool_), jnp.asarray(stop_ids, jnp.int32), cfg=cfg,
+            n_steps=n_steps, kv_len=64, impl="xla", sampling=sampling, chunk=chunk)
+        return np.asarray(toks), np.asarray(lps), int(steps), np.asarray(state["pos"])
+
+    ref = run(1, None, [-1])
+    stop = int(ref[0][0, 5])  # row 0 stops at its 5th new token, inside a chunk of 4 and of 16
+    ref_stop = run(1, None, [stop])
+    assert ref_stop[0][0, 6] == -1 and ref_stop[2] > 5
+    mode = gen.sampling_mode(rows)
+    for chunk in (4, 16):
+        for want, stop_ids in ((ref, [-1]), (ref_stop, [stop])):
+            got = run(chunk, mode, stop_ids)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-6)
+            assert got[2:3] == want[2:3]
+            np.testing.assert_array_equal(got[3], want[3])
