@@ -166,7 +166,8 @@ def param_bytes(w: dict) -> int:
 # ---- the model, decode-shaped -----------------------------------------------------------------------
 def _normed_linear(x, w, eps, b=None):
     """rms_norm(x, ln) · wᵀ (+ b) for a `w` with the norm weight `ln` folded in (`prepare_params`):
-    the 1/rms factor is applied to the float32 matmul output."""
+    the 1/rms factor is applied to the float32 matmul output. (Scaling the input instead measured
+    the same on the H100 at batch 1: small, 125m and 1b within run-to-run spread.)"""
     xf = x.astype(jnp.float32)
     inv_rms = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32) * inv_rms
