@@ -15,11 +15,13 @@ Layout of the engine:
   per-slot sampling parameters, generated-token counts (for penalties). Prefill and
   decode steps are pure functions state -> state, so a scheduler can drive them one
   step at a time (continuous batching, smedjan.serve.engine), and `generate` runs
-  the whole decode loop on the device in one `lax.while_loop`.
+  the whole decode loop on the device in one `lax.while_loop` over fixed-length chunks of
+  steps (one early-exit check per chunk, not a host round trip per token).
 * Sampling is per row (each slot carries its own temperature, top-k, top-p, min-p,
   penalties and seed), so requests with different settings share one batch without
-  recompiles. The random key of a row is fold_in(key(seed), position): a request's
-  samples do not depend on what else is in the batch.
+  recompiles (`generate` alone, which knows all its rows up front, compiles a loop
+  specialised to them: no sampling branch for greedy rows). A row's random draw is a hash
+  of (seed, position): a request's samples do not depend on what else is in the batch.
 
 Compiles are bounded: prompts are padded to power-of-two buckets, and the decode
 step is specialised on a power-of-two `kv_len` (how much of the cache it reads).
