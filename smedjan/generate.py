@@ -330,7 +330,7 @@ def sampling_mode(rows: list[dict]) -> tuple[bool, bool]:
     sampled = any(r["temperature"] > 0 for r in rows)
     penalized = any(r["repetition_penalty"] != 1.0 or r["presence_penalty"] != 0.0 or r["frequency_penalty"] != 0.0
                     for r in rows)
-    return bool(sampled), bool(penalized)
+    return sampled, penalized
 
 
 def _sample(logits, samp, counts, prompt_mask, key_pos, top_n: int, mode: tuple[bool, bool] | None = None):

@@ -204,6 +204,10 @@ REMAT_POLICIES = {
 }
 
 
+def default_scan_unroll() -> int | bool:
+    return True if jax.default_backend() == "gpu" else 1
+
+
 def forward(params: dict, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None, cache=None,
             attn_impl: str = "xla", remat: str = "none", compute_dtype=None, return_hidden: bool = False,
             scan_unroll: int | bool | None = None):
@@ -225,7 +229,7 @@ def forward(params: dict, tokens, cfg: ModelConfig, *, positions=None, segment_i
     cos, sin = rope_cos_sin(cfg, positions, seq_len=jnp.max(positions) + 1)
     layers = fuse_layer_weights(layer_params(params), cfg, dtype)
     if scan_unroll is None:
-        scan_unroll = True if jax.default_backend() == "gpu" else 1
+        scan_unroll = default_scan_unroll()
 
     def body(x, xs):
         p, cache_kv = xs

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from smedjan.config import ModelConfig
-from smedjan.model.transformer import forward, init_params, lm_head, param_shapes
+from smedjan.model.transformer import default_scan_unroll, forward, init_params, lm_head, param_shapes
 from smedjan.train.loss import chunked_cross_entropy
 
 
@@ -160,7 +160,7 @@ def speed_knobs(model_cfg: ModelConfig, remat: str = "auto", loss_chunk: int | N
             while loss_chunk * 2 * model_cfg.vocab_size * 4 <= 2 ** 31 and loss_chunk < 16384:
                 loss_chunk *= 2
     if scan_unroll is None:
-        scan_unroll = True if gpu else 1
+        scan_unroll = default_scan_unroll()
     return remat, loss_chunk, scan_unroll
 
 
