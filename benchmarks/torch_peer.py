@@ -10,6 +10,8 @@ same three columns as the JAX bench, at the same shapes:
   which makes transformers torch.compile the decoding forward (CUDA only).
 * train: fp32 master weights, bf16 autocast, cross-entropy from `labels=`, AdamW
   (fused on CUDA), zero_grad(set_to_none). "compile" wraps the model in torch.compile.
+  A batch that runs out of memory is retried with HF gradient checkpointing (reported as
+  "grad_checkpointing" in the result; `--grad-checkpointing on|off` forces it either way).
 
 Each mode runs eager and, unless disabled, torch.compile. Timing: warm-up excluded,
 `torch.cuda.synchronize()` around a chunk of iterations, median over repeats.
@@ -22,6 +24,7 @@ GPU allocator with torch:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -63,9 +66,36 @@ def build_model(hf_dict: dict, device, dtype):
     return model.to(device=device, dtype=dtype)
 
 
+def _train(torch, device, hf_dict, mode, batch, seq_len, iters, repeats, warmup, rand_tokens, checkpointing):
+    """fp32 master weights, bf16 autocast, loss from `labels=`, AdamW; optionally HF gradient checkpointing."""
+    model = build_model(hf_dict, device, torch.float32).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    step_model = torch.compile(model) if mode == "compile" else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                            **({"fused": True} if device.type == "cuda" else {}))
+    train_pool = [rand_tokens(batch, seq_len) for _ in range(4)]
+
+    def train_chunk(n):
+        for i in range(n):
+            toks = train_pool[i % len(train_pool)]
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = step_model(input_ids=toks, labels=toks, use_cache=False).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t, times = _timed(torch, device, train_chunk, iters, repeats, warmup)
+    return {"tokens_per_s": batch * seq_len / t, "step_ms": t * 1e3, "times_s": times,
+            "peak_mem_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+            "grad_checkpointing": checkpointing}
+
+
 def run_peer(hf_dict: dict, batch: int, seq_len: int, *, iters: int = 10, repeats: int = 3, warmup: int = 2,
              modes=("eager", "compile"), columns=("forward", "decode", "train"), decode_tokens: int | None = None,
-             log=lambda *a: None) -> dict:
+             grad_checkpointing: str = "auto", log=lambda *a: None) -> dict:
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,28 +166,22 @@ def run_peer(hf_dict: dict, batch: int, seq_len: int, *, iters: int = 10, repeat
             del model, fwd_model
         if "train" in columns:
             log(f"[peer {mode}] train")
-            model = build_model(hf_dict, device, torch.float32).train()
-            step_model = torch.compile(model) if mode == "compile" else model
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                                    **({"fused": True} if device.type == "cuda" else {}))
-            train_pool = [rand_tokens(batch, seq_len) for _ in range(4)]
-
-            def train_chunk(n):
-                for i in range(n):
-                    toks = train_pool[i % len(train_pool)]
-                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                                        enabled=device.type == "cuda"):
-                        loss = step_model(input_ids=toks, labels=toks, use_cache=False).loss
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            t, times = _timed(torch, device, train_chunk, iters, repeats, warmup)
-            res["train"] = {"tokens_per_s": batch * seq_len / t, "step_ms": t * 1e3, "times_s": times,
-                            "peak_mem_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None}
-            del model, step_model, opt
+            out_of_memory = False
+            try:
+                res["train"] = _train(torch, device, hf_dict, mode, batch, seq_len, iters, repeats, warmup,
+                                      rand_tokens, grad_checkpointing == "on")
+            except torch.cuda.OutOfMemoryError:
+                if grad_checkpointing != "auto":
+                    raise
+                out_of_memory = True
+            if out_of_memory:  # retried outside the handler: its traceback would keep the first try's tensors
+                # What a torch user does when the batch does not fit: recompute each layer in the
+                # backward (HF's gradient checkpointing); reported with the result.
+                log(f"[peer {mode}] train: out of memory, retrying with gradient checkpointing")
+                gc.collect()
+                torch.cuda.empty_cache()
+                res["train"] = _train(torch, device, hf_dict, mode, batch, seq_len, iters, repeats, warmup,
+                                      rand_tokens, True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         out["results"][mode] = res
@@ -175,11 +199,13 @@ def main(argv=None) -> int:
     p.add_argument("--decode-tokens", type=int, default=None)
     p.add_argument("--modes", default="eager,compile")
     p.add_argument("--columns", default="forward,decode,train")
+    p.add_argument("--grad-checkpointing", choices=["auto", "on", "off"], default="auto",
+                   help="train with HF gradient checkpointing: auto = only if the batch runs out of memory")
     args = p.parse_args(argv)
     res = run_peer(json.loads(args.config_json), args.batch, args.seq_len, iters=args.iters,
                    repeats=args.repeats, warmup=args.warmup, modes=tuple(args.modes.split(",")),
                    columns=tuple(args.columns.split(",")), decode_tokens=args.decode_tokens,
-                   log=lambda *a: print(*a, file=sys.stderr, flush=True))
+                   grad_checkpointing=args.grad_checkpointing, log=lambda *a: print(*a, file=sys.stderr, flush=True))
     print(json.dumps(res))
     return 0
 

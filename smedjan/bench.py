@@ -365,7 +365,8 @@ def format_table(out: dict) -> str:
                 for col, r in cols.items():
                     ratio = out["ratio"].get(col, {}).get(mode)
                     rs = "" if ratio is None else f"   smedjan/peer = {ratio:.2f}x"
-                    lines.append(f"  {mode:<8} {col:<8} {r['tokens_per_s']:>12,.0f} tok/s {r['step_ms']:>9.3f} ms{rs}")
+                    gc = "   (gradient checkpointing)" if r.get("grad_checkpointing") else ""
+                    lines.append(f"  {mode:<8} {col:<8} {r['tokens_per_s']:>12,.0f} tok/s {r['step_ms']:>9.3f} ms{rs}{gc}")
     lines.append(f"FLOPs: {out['flop_formula']}")
     return "\n".join(lines)
 

@@ -85,3 +85,65 @@ def test_bench_peer_torch_eager(capsys):
     assert set(peer["results"]["eager"]) == {"forward"}
     assert out["ratio"]["forward"]["eager"] > 0
     assert "peer: torch" in format_table(out)
+
+
+@pytest.fixture
+def torch_peer():
+    """benchmarks/torch_peer.py as a module (it is a script beside the benchmarks, not in the package)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import torch_peer
+
+    return torch_peer
+
+
+def test_torch_peer_train_with_gradient_checkpointing(torch_peer):
+    """The peer's fallback for a batch that does not fit (the 1b shape): HF gradient checkpointing
+    really on (layers recomputed in the backward), the step still trains, and the result says so."""
+    import torch
+
+    from smedjan.config import preset
+
+    hf = preset("tiny", num_hidden_layers=2, vocab_size=128).to_hf_dict()
+    calls = []
+    orig = torch.utils.checkpoint.checkpoint
+
+    def counting(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+
+    torch.utils.checkpoint.checkpoint = counting
+    try:
+        out = torch_peer.run_peer(hf, 2, 16, iters=1, repeats=1, warmup=0, modes=("eager",), columns=("train",),
+                                  grad_checkpointing="on")
+    finally:
+        torch.utils.checkpoint.checkpoint = orig
+    r = out["results"]["eager"]["train"]
+    assert r["grad_checkpointing"] is True and r["tokens_per_s"] > 0
+    assert calls, "gradient checkpointing was not used"
+
+
+def test_torch_peer_retries_out_of_memory_with_checkpointing(monkeypatch, torch_peer):
+    import torch
+
+    from smedjan.config import preset
+
+    real, tried = torch_peer._train, []
+
+    def train(*a):
+        tried.append(a[-1])
+        if not a[-1]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*a)
+
+    monkeypatch.setattr(torch_peer, "_train", train)
+    hf = preset("tiny", num_hidden_layers=1, vocab_size=64).to_hf_dict()
+    kw = dict(iters=1, repeats=1, warmup=0, modes=("eager",), columns=("train",))
+    out = torch_peer.run_peer(hf, 2, 8, **kw)
+    assert tried == [False, True] and out["results"]["eager"]["train"]["grad_checkpointing"] is True
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # "off": the error is the answer
+        torch_peer.run_peer(hf, 2, 8, grad_checkpointing="off", **kw)
