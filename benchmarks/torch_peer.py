@@ -69,8 +69,9 @@ def build_model(hf_dict: dict, device, dtype):
 def _train(torch, device, hf_dict, mode, batch, seq_len, iters, repeats, warmup, rand_tokens, checkpointing):
     """fp32 master weights, bf16 autocast, loss from `labels=`, AdamW; optionally HF gradient checkpointing."""
     model = build_model(hf_dict, device, torch.float32).train()
-    if checkpointing:
-        model.gradient_checkpointing_enable()
+    if checkpointing:  # newer transformers renamed gradient_checkpointing_enable (deprecated); older have only it
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     step_model = torch.compile(model) if mode == "compile" else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             **({"fused": True} if device.type == "cuda" else {}))
