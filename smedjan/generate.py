@@ -423,27 +423,31 @@ def prefill_step(w, state, tokens, lens, slots, samp, cfg: ModelConfig, impl: st
     return new, out
 
 
-LOOP_CHUNK = 16  # decode steps per early-exit check in `decode_loop`
+def _loop_chunk() -> int:
+    """Decode steps per early-exit check in `decode_loop`: 16 on GPU, where every while-loop
+    iteration copies its condition to the host; 1 elsewhere, where that costs nothing and a chunk's
+    steps after every row has stopped (up to 15) would be pure waste on a slow CPU step."""
+    return 16 if jax.default_backend() == "gpu" else 1
 
 
 @partial(jax.jit, static_argnames=("cfg", "n_steps", "kv_len", "impl", "top_n", "sampling", "chunk"),
          donate_argnames=("state",))
 def decode_loop(w, state, first, active, stop_ids, cfg: ModelConfig, n_steps: int, kv_len: int,
                 impl: str = "xla", top_n: int = 0, sampling: tuple[bool, bool] | None = None,
-                chunk: int = LOOP_CHUNK):
+                chunk: int | None = None):
     """Up to `n_steps` decode steps on the device; stops early once every row is done.
 
     first: the prefill's output dict; stop_ids [K] int32 (-1 padded). Returns (state, tokens [B, n_steps+1],
     logprobs [B, n_steps+1], top (or None), steps taken); rows are -1 after their stop token.
 
-    The steps run `chunk` at a time as a fixed-length scan, and the loop checks for early exit
-    between chunks: on GPU a while loop copies its condition to the host every iteration, which
-    for a small model costs as much as the step itself. A row past its stop token, or a step past
-    `n_steps`, is inactive (writes nothing, does not advance); the results equal one step at a time.
-    `sampling`: see `_sample`'s `mode`.
+    The steps run `chunk` at a time (default `_loop_chunk()`) as a fixed-length scan, and the loop
+    checks for early exit between chunks: on GPU a while loop copies its condition to the host every
+    iteration, which for a small model costs as much as the step itself. A row past its stop token,
+    or a step past `n_steps`, is inactive (writes nothing, does not advance); the results equal one
+    step at a time. `sampling`: see `_sample`'s `mode`.
     """
     b = first["tok"].shape[0]
-    c = max(1, min(chunk, n_steps))
+    c = max(1, min(chunk or _loop_chunk(), n_steps))
     width = n_steps + c  # room for the columns the last chunk runs past n_steps (dropped below)
     toks = jnp.full((b, width), -1, jnp.int32).at[:, 0].set(first["tok"])
     lps = jnp.zeros((b, width), jnp.float32).at[:, 0].set(first["logprob"])
