@@ -101,30 +101,29 @@ def torch_peer():
     return torch_peer
 
 
-def test_torch_peer_train_with_gradient_checkpointing(torch_peer):
+def test_torch_peer_train_with_gradient_checkpointing(torch_peer, monkeypatch):
     """The peer's fallback for a batch that does not fit (the 1b shape): HF gradient checkpointing
-    really on (layers recomputed in the backward), the step still trains, and the result says so."""
-    import torch
-
+    really on (a layer runs twice per step: forward, and again in the backward), the step still
+    trains, and the result says so."""
     from smedjan.config import preset
 
-    hf = preset("tiny", num_hidden_layers=2, vocab_size=128).to_hf_dict()
     calls = []
-    orig = torch.utils.checkpoint.checkpoint
+    build = torch_peer.build_model
 
-    def counting(*a, **k):
-        calls.append(1)
-        return orig(*a, **k)
+    def counted(*a, **k):
+        model = build(*a, **k)
+        # a pre-hook: the recompute stops early, once the last saved tensor is back, before the MLP returns
+        model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+        return model
 
-    torch.utils.checkpoint.checkpoint = counting
-    try:
-        out = torch_peer.run_peer(hf, 2, 16, iters=1, repeats=1, warmup=0, modes=("eager",), columns=("train",),
-                                  grad_checkpointing="on")
-    finally:
-        torch.utils.checkpoint.checkpoint = orig
-    r = out["results"]["eager"]["train"]
-    assert r["grad_checkpointing"] is True and r["tokens_per_s"] > 0
-    assert calls, "gradient checkpointing was not used"
+    monkeypatch.setattr(torch_peer, "build_model", counted)
+    hf = preset("tiny", num_hidden_layers=2, vocab_size=128).to_hf_dict()
+    kw = dict(iters=1, repeats=1, warmup=0, modes=("eager",), columns=("train",))
+    for checkpointing, runs in (("off", 1), ("on", 2)):
+        calls.clear()
+        r = torch_peer.run_peer(hf, 2, 16, grad_checkpointing=checkpointing, **kw)["results"]["eager"]["train"]
+        assert r["grad_checkpointing"] is (checkpointing == "on") and r["tokens_per_s"] > 0
+        assert len(calls) == runs, (checkpointing, len(calls))
 
 
 def test_torch_peer_retries_out_of_memory_with_checkpointing(monkeypatch, torch_peer):
