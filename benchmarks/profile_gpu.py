@@ -37,6 +37,8 @@ import numpy as np  # noqa: E402
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 CATEGORIES = [  # (category, substrings of a kernel name), first match wins
+    ("collective", ("nccl", "all-reduce", "all_reduce", "reduce-scatter", "reduce_scatter", "all-gather",
+                    "all_gather", "collective-permute", "all-to-all")),
     ("attention", ("fmha", "flash", "cudnn", "attn", "_fwd_kernel", "_dq_kernel", "_dkdv_kernel", "decode_attention")),
     ("matmul", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "matmul", "dot")),
     ("copy", ("memcpy", "memset", "copy", "dynamic_update_slice", "dynamic-update-slice", "dynamic_slice")),
@@ -82,6 +84,7 @@ def profile_calls(fn, n: int = 5, warmup: int = 2) -> dict:
     busy = 0.0
     kernels = 0
     lines_seen = set()
+    per_device = collections.defaultdict(collections.Counter)  # plane -> category -> ns
     for plane in pdata.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
@@ -101,6 +104,7 @@ def profile_calls(fn, n: int = 5, warmup: int = 2) -> dict:
                 rec[1] += 1
                 rec[2] = rec[2] or categorize(ev.name, hlo)
                 rec[3] = rec[3] or ev.name[:80]
+                per_device[plane.name][categorize(ev.name, hlo)] += ev.duration_ns
                 busy += ev.duration_ns
                 kernels += 1
     by_cat = collections.Counter()
@@ -115,6 +119,10 @@ def profile_calls(fn, n: int = 5, warmup: int = 2) -> dict:
         "top_ops": [{"op": k, "ms": v[0] / n / 1e6, "count": v[1] / n, "cat": v[2], "kernel": v[3]}
                     for k, v in top[:60]],
         "gpu_lines": sorted(lines_seen),
+        # with several GPUs: each one's kernel time by category (collectives run on their own
+        # stream, so a device's total above its wall time means they overlapped compute)
+        "per_device_ms": {dev: {k: v / n / 1e6 for k, v in cats.most_common()}
+                          for dev, cats in sorted(per_device.items())},
     }
 
 
@@ -126,6 +134,9 @@ def print_profile(title: str, prof: dict, top: int) -> None:
     print(f"  wall {prof['wall_ms']:.3f} ms/call, GPU kernels {prof['gpu_busy_ms_per_call']:.3f} ms/call "
           f"({prof['kernels_per_call']:.0f} kernels/call)")
     print("  by category (ms/call): " + ", ".join(f"{k} {v:.3f}" for k, v in prof["by_category_ms"].items()))
+    if len(prof.get("per_device_ms", {})) > 1:
+        for dev, cats in prof["per_device_ms"].items():
+            print(f"  {dev}: {sum(cats.values()):.3f} ms: " + ", ".join(f"{k} {v:.3f}" for k, v in cats.items()))
     print(f"  {'ms/call':>9} {'n/call':>7}  {'cat':<9} op  [kernel]")
     for r in prof["top_ops"][:top]:
         print(f"  {r['ms']:9.3f} {r['count']:7.1f}  {r['cat']:<9} {r['op'][:60]}  [{r['kernel'][:50]}]")

@@ -24,6 +24,7 @@ os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -64,6 +65,23 @@ def run_mesh(cfg, spec, devices, data, args, dtype):
     return mesh, opt, step, state, losses, tok_s
 
 
+def profile_step(step, state, tokens, mesh, title):
+    """GPU time of two more steps, per device and by category (printed); returns it with the new state."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from profile_gpu import print_profile, profile_calls
+
+    batch = {"tokens": put_batch(tokens, batch_sharding(mesh))}
+    holder = {"s": state}
+
+    def call():
+        holder["s"], m = step(holder["s"], batch)
+        return m
+
+    prof = profile_calls(call, n=2, warmup=1)
+    print_profile(title, prof, top=12)
+    return {**prof, "state": holder["s"]}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1b")
@@ -76,8 +94,17 @@ def main(argv=None):
     ap.add_argument("--attn", default="auto")
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--devices", type=int, default=0, help="N (default: all)")
+    ap.add_argument("--runs", default="1,dp,fsdp",
+                    help="comma list of 1 (one device), dp (data parallel), fsdp; 1 is always run first")
+    ap.add_argument("--no-resume", action="store_true", help="skip the cross-mesh checkpoint check")
+    ap.add_argument("--profile", action="store_true",
+                    help="after each run's timed steps, profile 2 more steps and print GPU time per device "
+                         "by category (collectives apart; benchmarks/profile_gpu.py)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    wanted = set(args.runs.split(","))
+    if wanted - {"1", "dp", "fsdp"}:
+        ap.error(f"--runs takes 1, dp, fsdp; got {args.runs!r}")
 
     cfg = preset(args.size)
     dtype = jnp.bfloat16 if args.precision == "bf16" else None
@@ -88,8 +115,9 @@ def main(argv=None):
     flops_tok = cfg.flops_per_token(args.seq_len)
 
     runs = {"1 device": ("data=1", devs[:1])}
-    if n > 1:
+    if n > 1 and "dp" in wanted:
         runs[f"data parallel x{n}"] = (f"data={n}", devs[:n])
+    if n > 1 and "fsdp" in wanted:
         runs[f"fsdp x{n}"] = (f"fsdp={n}", devs[:n])
     if not args.json:
         print(f"{args.size}: batch {args.batch} x {args.seq_len}, {args.precision}, remat={args.remat}, "
@@ -109,6 +137,15 @@ def main(argv=None):
             mfu = "n/a" if r["mfu_per_device"] is None else f"{100 * r['mfu_per_device']:.1f}%"
             print(f"{name:<22}{tok_s:>12,.0f}{mfu:>9}{100 * r['scaling_efficiency']:>8.1f}%"
                   f"{r['max_loss_diff_vs_1']:>13.2e}  {[round(x, 4) for x in losses[:3]]}", flush=True)
+        if args.profile:
+            r["profile"] = profile_step(step, state, data[-1], mesh, name)
+            state = r["profile"].pop("state")
+            last = (mesh, opt, step, state)
+
+    if args.no_resume:
+        if args.json:
+            print(json.dumps({"config": vars(args), "results": results}, indent=2))
+        return
 
     # Resume across meshes: checkpoint from the last (largest) mesh, one more step on 1 device.
     mesh, opt, step, state = last

@@ -124,6 +124,36 @@ def test_cli_train_on_a_mesh_of_8_fake_devices(tmp_path):
     assert log[-1]["step"] == 3 and "val_loss" in log[-1]
 
 
+def test_chunked_loss_keeps_each_chunk_on_every_device():
+    """Loss chunks under a batch-split mesh: each device works on its own rows of every chunk, so the
+    compiled gradient has one all-reduce (the lm_head's) and gathers no activations. Contiguous
+    chunks of the flattened batch made XLA all-gather the hidden states and run the whole loss on
+    every device."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    code = textwrap.dedent("""
+        import collections, json, jax, jax.numpy as jnp
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from smedjan.sharding import make_mesh
+        from smedjan.train.loss import chunked_cross_entropy
+        mesh = make_mesh("data=2")
+        rows = NamedSharding(mesh, P("data"))
+        h = jax.device_put(jax.random.normal(jax.random.key(0), (8, 64, 32), jnp.bfloat16), rows)
+        t = jax.device_put(jax.random.randint(jax.random.key(1), (8, 64), 0, 300), rows)
+        w = jax.device_put(jax.random.normal(jax.random.key(2), (300, 32)), NamedSharding(mesh, P()))
+        f = jax.jit(jax.grad(lambda h, w: chunked_cross_entropy(h, w, t, chunk_size=128)[0], argnums=(0, 1)))
+        ops = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+        txt = f.lower(h, w).compile().as_text()
+        print("RESULT " + json.dumps(collections.Counter(
+            op for line in txt.splitlines() for op in ops if f" {op}(" in line or f" {op}-start(" in line)))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    assert json.loads(line[len("RESULT "):]) == {"all-reduce": 1}
+
+
 def test_distributed_flag_initializes_from_env(tmp_path):
     """--distributed: jax.distributed.initialize() from JAX_COORDINATOR_ADDRESS & co (one process here)."""
     import socket

@@ -25,17 +25,29 @@ IGNORE = -1  # targets below zero are not counted
 
 
 def _chunked(hidden, targets, chunk_size):
-    """hidden [.., D], targets [..] -> ([n_chunks, c, D], [n_chunks, c], n_tokens)."""
+    """hidden [.., D], targets [..] -> ([n, c, D], [n, c], n_tokens): n chunks of c ≤ chunk_size tokens.
+
+    Chunk i holds the tokens i, i + n, i + 2n, ... (strided, not contiguous): under a mesh that
+    splits the batch, every chunk then has rows on every device. A contiguous chunk of the
+    flattened batch sits on one device, so the others wait for it or XLA moves it (on 2 H100s, 1b
+    at batch 32: two 16k-token chunks ran one device at a time). `_unchunk` inverts it.
+    """
     d = hidden.shape[-1]
     h = hidden.reshape(-1, d)
     t = targets.reshape(-1).astype(jnp.int32)
-    n = h.shape[0]
-    c = max(1, min(chunk_size, n))
-    pad = (-n) % c
+    n_tok = h.shape[0]
+    n = max(1, -(-n_tok // max(1, chunk_size)))
+    c = -(-n_tok // n)
+    pad = n * c - n_tok
     if pad:
         h = jnp.pad(h, ((0, pad), (0, 0)))
         t = jnp.pad(t, (0, pad), constant_values=IGNORE)
-    return h.reshape(-1, c, d), t.reshape(-1, c), n
+    return h.reshape(c, n, d).swapaxes(0, 1), t.reshape(c, n).swapaxes(0, 1), n_tok
+
+
+def _unchunk(x, n_tok, shape):
+    """[n, c, D] chunks (as `_chunked` made them) -> the original [.., D] layout."""
+    return x.swapaxes(0, 1).reshape(-1, x.shape[-1])[:n_tok].reshape(shape)
 
 
 ONE_PASS_LSE: bool | None = None  # None: on GPU only (see _logsumexp_rows)
@@ -103,7 +115,7 @@ def _loss_fwd(hidden, weight, targets, chunk_size):
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros(weight.shape, jnp.float32))
     (loss, count, dw), dh = jax.lax.scan(body, init, (h, t))
-    dh = dh.reshape(-1, hidden.shape[-1])[:n].reshape(hidden.shape)
+    dh = _unchunk(dh, n, hidden.shape)
     return (loss, count), (dh, dw.astype(weight.dtype))
 
 

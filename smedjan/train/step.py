@@ -173,6 +173,16 @@ def loss_and_count(params, inputs, targets, model_cfg, *, attn_impl="auto", rema
     return chunked_cross_entropy(hidden, lm_head(params, model_cfg), targets, chunk_size=loss_chunk)
 
 
+def _mesh_loss_chunk(model_cfg, loss_chunk, mesh):
+    """The default loss chunk bounds one device's logits; a batch split over the mesh's data and fsdp
+    axes gives each device 1/shards of every chunk (`loss._chunked`), so the chunk grows to match."""
+    if loss_chunk or mesh is None:
+        return loss_chunk
+    from smedjan.sharding import batch_divisor
+
+    return speed_knobs(model_cfg)[1] * batch_divisor(mesh)
+
+
 def make_train_step(model_cfg: ModelConfig, optimizer, *, attn_impl: str = "auto", remat: str = "auto",
                     compute_dtype=jnp.bfloat16, grad_accum: int = 1, loss_chunk: int | None = None, mesh=None,
                     param_dtype=jnp.float32, donate: bool = True, scan_unroll: int | bool | None = None):
@@ -190,6 +200,7 @@ def make_train_step(model_cfg: ModelConfig, optimizer, *, attn_impl: str = "auto
     """
     if grad_accum < 1:
         raise ValueError("grad_accum must be >= 1")
+    loss_chunk = _mesh_loss_chunk(model_cfg, loss_chunk, mesh)
     lc = partial(loss_and_count, model_cfg=model_cfg, attn_impl=attn_impl, remat=remat,
                  compute_dtype=compute_dtype, loss_chunk=loss_chunk, scan_unroll=scan_unroll)
     micro_spec = None
@@ -254,6 +265,8 @@ def make_train_step(model_cfg: ModelConfig, optimizer, *, attn_impl: str = "auto
 def make_eval_step(model_cfg: ModelConfig, *, attn_impl: str = "auto", compute_dtype=jnp.bfloat16,
                    loss_chunk: int | None = None, mesh=None, param_dtype=jnp.float32):
     """Jitted `eval(params, batch) -> (loss_sum, count)` (same batch formats as the train step)."""
+
+    loss_chunk = _mesh_loss_chunk(model_cfg, loss_chunk, mesh)
 
     def ev(params, batch):
         inputs, targets = split_batch(batch)
