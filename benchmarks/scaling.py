@@ -45,12 +45,12 @@ def batches(cfg, n, batch, seq_len, seed=0):
     return [rng.integers(0, cfg.vocab_size, (batch, seq_len + 1), dtype=np.int32) for _ in range(n)]
 
 
-def run_mesh(cfg, spec, devices, data, args, dtype):
+def run_mesh(cfg, spec, devices, data, args, dtype, grad_accum):
     mesh = make_mesh(spec, devices)
     opt = make_optimizer(OptimConfig(lr=3e-4, warmup_steps=2, total_steps=1000))
     state = init_train_state(cfg, jax.random.key(0), opt, mesh=mesh)
     step = make_train_step(cfg, opt, attn_impl=args.attn, remat=args.remat, compute_dtype=dtype,
-                           grad_accum=args.grad_accum, mesh=mesh)
+                           grad_accum=grad_accum, mesh=mesh)
     sh = batch_sharding(mesh)
     losses, times = [], []
     for i, tokens in enumerate(data):
@@ -90,12 +90,15 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=3, help="steps excluded from timing (compilation)")
     ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--single-accum", type=int, default=None,
+                    help="gradient accumulation of the 1-device run only (default --grad-accum): the same "
+                         "global batch at the per-device batch of the N-device runs, when it does not fit whole")
     ap.add_argument("--remat", default="dots")
     ap.add_argument("--attn", default="auto")
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--devices", type=int, default=0, help="N (default: all)")
     ap.add_argument("--runs", default="1,dp,fsdp",
-                    help="comma list of 1 (one device), dp (data parallel), fsdp; 1 is always run first")
+                    help="comma list of 1 (one device: the scaling baseline), dp (data parallel), fsdp")
     ap.add_argument("--no-resume", action="store_true", help="skip the cross-mesh checkpoint check")
     ap.add_argument("--profile", action="store_true",
                     help="after each run's timed steps, profile 2 more steps and print GPU time per device "
@@ -114,7 +117,7 @@ def main(argv=None):
     peak = peak_flops_per_device(devs[0])
     flops_tok = cfg.flops_per_token(args.seq_len)
 
-    runs = {"1 device": ("data=1", devs[:1])}
+    runs = {"1 device": ("data=1", devs[:1])} if "1" in wanted else {}
     if n > 1 and "dp" in wanted:
         runs[f"data parallel x{n}"] = (f"data={n}", devs[:n])
     if n > 1 and "fsdp" in wanted:
@@ -125,11 +128,12 @@ def main(argv=None):
         print(f"{'run':<22}{'tok/s':>12}{'MFU/dev':>9}{'scaling':>9}{'max |dloss|':>13}  first losses", flush=True)
     results, last = {}, None
     for name, (spec, d) in runs.items():
-        mesh, opt, step, state, losses, tok_s = run_mesh(cfg, spec, d, data, args, dtype)
+        accum = args.single_accum if len(d) == 1 and args.single_accum else args.grad_accum
+        mesh, opt, step, state, losses, tok_s = run_mesh(cfg, spec, d, data, args, dtype, accum)
         ndev = len(d)
         r = results[name] = {"mesh": spec, "devices": ndev, "tokens_per_s": tok_s, "losses": losses,
                              "mfu_per_device": None if peak is None else tok_s * flops_tok / ndev / peak}
-        base = results["1 device"]
+        base = results.get("1 device", {"tokens_per_s": float("nan"), "losses": [float("nan")]})
         r["scaling_efficiency"] = tok_s / (ndev * base["tokens_per_s"])
         r["max_loss_diff_vs_1"] = max(abs(a - b) for a, b in zip(losses, base["losses"]))
         last = (mesh, opt, step, state)

@@ -28,6 +28,7 @@ The mesh then spans every process's devices; each process loads only its rows of
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
@@ -107,6 +108,14 @@ def make_mesh(spec: str | dict | None = None, devices=None) -> Mesh:
         except (TypeError, ImportError, ValueError):
             pass
     return Mesh(np.asarray(devices, dtype=object).reshape(shape), AXES)
+
+
+def mesh_context(mesh: Mesh | None):
+    """While a step is traced: `mesh` as the abstract mesh, so kernels that GSPMD cannot split (Pallas
+    calls) run per device through `shard_map` (`smedjan.model.attention.per_device`)."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def initialize_distributed() -> None:

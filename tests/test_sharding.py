@@ -44,12 +44,23 @@ SCRIPT = textwrap.dedent(r"""
     opt = make_optimizer(OptimConfig(lr=3e-3, warmup_steps=1, total_steps=10))
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 256, size=(8, 33)).astype(np.int32) for _ in range(3)]
+    import importlib
+    fa = importlib.import_module("pallas_kernels.flash_attention")  # the module (the package re-exports the function)
+    kernel, seen = fa.flash_attention, []
+
+    def spy(q, k, v, **kw):  # the shapes the Pallas kernel is traced with
+        seen.append([list(q.shape), list(k.shape)])
+        return kernel(q, k, v, **kw)
+
+    fa.flash_attention = spy
     out = {}
-    for name, spec, devices, accum in [("single", "data=1", jax.devices()[:1], 1),
-                                       ("sharded", "data=2,fsdp=2,tensor=2", None, 2)]:
+    for name, spec, devices, accum, attn in [("single", "data=1", jax.devices()[:1], 1, "xla"),
+                                             ("sharded", "data=2,fsdp=2,tensor=2", None, 2, "xla"),
+                                             ("sharded_pallas", "data=2,fsdp=2,tensor=2", None, 2, "pallas")]:
         mesh = make_mesh(spec, devices)
         state = init_train_state(cfg, jax.random.key(0), opt, mesh=mesh)
-        step = make_train_step(cfg, opt, compute_dtype=None, grad_accum=accum, loss_chunk=64, mesh=mesh)
+        step = make_train_step(cfg, opt, compute_dtype=None, grad_accum=accum, loss_chunk=64, mesh=mesh,
+                               attn_impl=attn)
         losses = []
         for b in batches:
             state, m = step(state, {"tokens": jax.device_put(b, batch_sharding(mesh))})
@@ -66,6 +77,7 @@ SCRIPT = textwrap.dedent(r"""
             out["q_shard_shape"] = list(state.params["model.layers.self_attn.q_proj.weight"]
                                         .addressable_shards[0].data.shape)
             out["n_devices_q"] = len(state.params["model.layers.self_attn.q_proj.weight"].sharding.device_set)
+    out["pallas_shapes"] = seen
     print("RESULT " + json.dumps(out))
 """)
 
@@ -85,6 +97,11 @@ def test_sharded_training_matches_single_device(tmp_path):
     for a, b in zip(single["losses"], sharded["losses"]):
         assert abs(a - b) < 1e-4, (single["losses"], sharded["losses"])
     assert abs(single["norm"] - sharded["norm"]) < 1e-4 * single["norm"]
+    # the Pallas kernel, which GSPMD cannot split, runs per device: 4 rows per microbatch over
+    # data·fsdp = 4 devices -> 1 row; 4 query / 2 kv heads over tensor = 2 -> 2 / 1
+    assert res["pallas_shapes"] and all(s == [[1, 32, 2, 16], [1, 32, 1, 16]] for s in res["pallas_shapes"])
+    for a, b in zip(single["losses"], res["sharded_pallas"]["losses"]):
+        assert abs(a - b) < 1e-4, (single["losses"], res["sharded_pallas"]["losses"])
 
     specs = res["specs"]
     # stacked layer axis never split; column-parallel q/gate/up, row-parallel o/down, fsdp on the other dim

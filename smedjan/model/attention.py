@@ -12,8 +12,11 @@ cached decoding (a query at position p sees cache slots j <= p) with one rule:
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 IMPLS = ("auto", "xla", "cudnn", "pallas")
 
@@ -54,6 +57,31 @@ def xla_attention(q, k, v, mask, scale):
     return out.reshape(b, s, hq, d)
 
 
+def per_device(kernel, q, k, v, *rows):
+    """`kernel(q, k, v, *rows)` on each device's part of the batch (and heads) under the mesh the step is
+    traced with (`smedjan.sharding.mesh_context`); rows are [B, S] arrays.
+
+    GSPMD cannot split a custom kernel call: left to itself it gathers q/k/v and every device runs
+    the whole batch's attention (on 2 H100s, 1b data parallel: 54 ms of attention per device per step
+    for half the batch, against 45 ms for all of it on one GPU). A `shard_map` splits the batch over
+    the data and fsdp axes, and the heads over `tensor` where both head counts divide (query head h
+    uses kv head h // G, so equal contiguous blocks stay matched).
+    """
+    from smedjan.sharding import BATCH_AXES
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return kernel(q, k, v, *rows)
+    sizes = dict(mesh.shape)
+    axes = tuple(a for a in BATCH_AXES if a in sizes)
+    batch = axes if axes and q.shape[0] % math.prod(sizes[a] for a in axes) == 0 else None
+    t = sizes.get("tensor", 1)
+    split_heads = t > 1 and q.shape[2] % t == 0 and k.shape[2] % t == 0
+    heads = P(batch, None, "tensor" if split_heads else None, None)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(heads,) * 3 + (P(batch, None),) * len(rows),
+                         out_specs=heads, check_vma=False)(q, k, v, *rows)
+
+
 def attention(q, k, v, *, q_pos, kv_pos, sliding_window=None, segment_ids=None, impl="xla",
               decoding=False):
     """Causal attention by absolute positions.
@@ -67,11 +95,13 @@ def attention(q, k, v, *, q_pos, kv_pos, sliding_window=None, segment_ids=None, 
         if decoding:
             from pallas_kernels.decode_attention import decode_attention
 
-            return decode_attention(q, k, v, q_pos, sliding_window=sliding_window, sm_scale=scale)
+            return per_device(lambda q, k, v, pos: decode_attention(q, k, v, pos, sliding_window=sliding_window,
+                                                                    sm_scale=scale), q, k, v, q_pos)
         from pallas_kernels.flash_attention import flash_attention
 
-        return flash_attention(q, k, v, causal=True, sliding_window=sliding_window,
-                               segment_ids=segment_ids, sm_scale=scale)
+        return per_device(lambda q, k, v, *seg: flash_attention(q, k, v, causal=True, sliding_window=sliding_window,
+                                                                segment_ids=seg[0] if seg else None, sm_scale=scale),
+                          q, k, v, *(() if segment_ids is None else (segment_ids,)))
     if impl == "cudnn" and not decoding and segment_ids is None and q.dtype in (jnp.bfloat16, jnp.float16):
         # cuDNN's own causal mask assumes positions 0..S-1, which training batches have; it takes only
         # 16-bit inputs, so float32 (reference-precision) runs fall through to XLA.

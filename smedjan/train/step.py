@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, wraps
 from typing import Any, NamedTuple
 
 import jax
@@ -173,6 +173,19 @@ def loss_and_count(params, inputs, targets, model_cfg, *, attn_impl="auto", rema
     return chunked_cross_entropy(hidden, lm_head(params, model_cfg), targets, chunk_size=loss_chunk)
 
 
+def _traced_in(mesh, fn):
+    """`fn` traced under `mesh_context(mesh)` (Pallas kernels then run per device)."""
+    if mesh is None:
+        return fn
+    from smedjan.sharding import mesh_context
+
+    @wraps(fn)
+    def traced(*args):
+        with mesh_context(mesh):
+            return fn(*args)
+    return traced
+
+
 def _mesh_loss_chunk(model_cfg, loss_chunk, mesh):
     """The default loss chunk bounds one device's logits; a batch split over the mesh's data and fsdp
     axes gives each device 1/shards of every chunk (`loss._chunked`), so the chunk grows to match."""
@@ -250,6 +263,7 @@ def make_train_step(model_cfg: ModelConfig, optimizer, *, attn_impl: str = "auto
         metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "tokens": n_tokens}
         return TrainState(params, opt_state, state.step + 1), metrics
 
+    step = _traced_in(mesh, step)
     donate_argnums = (0,) if donate else ()
     if mesh is None:
         return jax.jit(step, donate_argnums=donate_argnums)
@@ -273,6 +287,7 @@ def make_eval_step(model_cfg: ModelConfig, *, attn_impl: str = "auto", compute_d
         return loss_and_count(params, inputs.astype(jnp.int32), targets.astype(jnp.int32), model_cfg,
                               attn_impl=attn_impl, compute_dtype=compute_dtype, loss_chunk=loss_chunk)
 
+    ev = _traced_in(mesh, ev)
     if mesh is None:
         return jax.jit(ev)
     from smedjan.sharding import batch_sharding, param_shardings, replicated
