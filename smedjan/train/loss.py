@@ -29,8 +29,9 @@ def _chunked(hidden, targets, chunk_size):
 
     Chunk i holds the tokens i, i + n, i + 2n, ... (strided, not contiguous): under a mesh that
     splits the batch, every chunk then has rows on every device. A contiguous chunk of the
-    flattened batch sits on one device, so the others wait for it or XLA moves it (on 2 H100s, 1b
-    at batch 32: two 16k-token chunks ran one device at a time). `_unchunk` inverts it.
+    flattened batch sits on one device, and XLA gathered the hidden states and ran the whole loss
+    on every device (1b, data parallel on 2 H100s at batch 32: 114,915 -> 121,417 tok/s once
+    strided). `_unchunk` inverts it.
     """
     d = hidden.shape[-1]
     h = hidden.reshape(-1, d)
