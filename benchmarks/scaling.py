@@ -122,6 +122,8 @@ def main(argv=None):
         runs[f"data parallel x{n}"] = (f"data={n}", devs[:n])
     if n > 1 and "fsdp" in wanted:
         runs[f"fsdp x{n}"] = (f"fsdp={n}", devs[:n])
+    if not runs:
+        ap.error(f"--runs {args.runs!r} leaves nothing to run on {n} device(s)")
     if not args.json:
         print(f"{args.size}: batch {args.batch} x {args.seq_len}, {args.precision}, remat={args.remat}, "
               f"attn={args.attn}, device {devs[0].device_kind}")
@@ -136,7 +138,6 @@ def main(argv=None):
         base = results.get("1 device", {"tokens_per_s": float("nan"), "losses": [float("nan")]})
         r["scaling_efficiency"] = tok_s / (ndev * base["tokens_per_s"])
         r["max_loss_diff_vs_1"] = max(abs(a - b) for a, b in zip(losses, base["losses"]))
-        last = (mesh, opt, step, state)
         if not args.json:  # row by row, so a run cut short still shows what finished
             mfu = "n/a" if r["mfu_per_device"] is None else f"{100 * r['mfu_per_device']:.1f}%"
             print(f"{name:<22}{tok_s:>12,.0f}{mfu:>9}{100 * r['scaling_efficiency']:>8.1f}%"
@@ -144,7 +145,7 @@ def main(argv=None):
         if args.profile:
             r["profile"] = profile_step(step, state, data[-1], mesh, name)
             state = r["profile"].pop("state")
-            last = (mesh, opt, step, state)
+        last = (mesh, opt, step, state)
 
     if args.no_resume:
         if args.json:
