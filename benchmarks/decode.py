@@ -82,8 +82,14 @@ def bench_batch1(cfg, params, *, prompt_len, new_tokens, attn, repeats):
     wbytes = weight_bytes(cfg, runner.w)
     w = runner.w
     del runner
-    return {"tokens_per_s": new_tokens / t, "ms_per_token": 1e3 * t / new_tokens, "weight_bytes": wbytes,
-            "first_call_s": t_compile, "times_s": times, "tokens": toks[0, :32].tolist()}, w
+    return {
+        "tokens_per_s": new_tokens / t,
+        "ms_per_token": 1e3 * t / new_tokens,
+        "weight_bytes": wbytes,
+        "first_call_s": t_compile,
+        "times_s": times,
+        "tokens": toks[0, :32].tolist(),
+    }, w
 
 
 def bench_engine(cfg, w, *, concurrencies, max_batch, prompt_len, steps, repeats, chunk=8):
@@ -94,6 +100,7 @@ def bench_engine(cfg, w, *, concurrencies, max_batch, prompt_len, steps, repeats
     rng = np.random.default_rng(1)
     results = {}
     for c in concurrencies:
+
         def once():
             runner.pos[:] = 0
             for s in range(c):  # prefill c requests into slots (not timed)
@@ -110,8 +117,10 @@ def bench_engine(cfg, w, *, concurrencies, max_batch, prompt_len, steps, repeats
         times = [once() for _ in range(repeats)]
         t = statistics.median(times)
         results[c] = {"tokens_per_s": c * steps / t, "ms_per_step": 1e3 * t / steps, "times_s": times}
-        print(f"  engine c={c}: {results[c]['tokens_per_s']:.0f} tok/s ({results[c]['ms_per_step']:.2f} ms/step)",
-              flush=True)
+        print(
+            f"  engine c={c}: {results[c]['tokens_per_s']:.0f} tok/s ({results[c]['ms_per_step']:.2f} ms/step)",
+            flush=True,
+        )
     del runner
     return results
 
@@ -142,13 +151,15 @@ def bench_hf(cfg, params, *, prompt_len, new_tokens, repeats):
 
     def run(n):
         with torch.no_grad():
-            out = model.generate(prompt, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                                 pad_token_id=0, eos_token_id=None)
+            out = model.generate(
+                prompt, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0, eos_token_id=None
+            )
         if dev == "cuda":
             torch.cuda.synchronize()
         return out
 
     run(4)
+
     def timed(n):
         ts = []
         for _ in range(repeats):
@@ -162,9 +173,12 @@ def bench_hf(cfg, params, *, prompt_len, new_tokens, repeats):
     del model
     if dev == "cuda":
         torch.cuda.empty_cache()
-    return {"tokens_per_s": (new_tokens - 1) / (tn - t1), "ms_per_token": 1e3 * (tn - t1) / (new_tokens - 1),
-            "attn_implementation": getattr(hf_cfg, "_attn_implementation", None),
-            "tokens": out[0, prompt_len:prompt_len + 32].tolist()}
+    return {
+        "tokens_per_s": (new_tokens - 1) / (tn - t1),
+        "ms_per_token": 1e3 * (tn - t1) / (new_tokens - 1),
+        "attn_implementation": getattr(hf_cfg, "_attn_implementation", None),
+        "tokens": out[0, prompt_len : prompt_len + 32].tolist(),
+    }
 
 
 def main(argv=None):
@@ -175,8 +189,9 @@ def main(argv=None):
     ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--engine-presets", default="1b", help="presets to run the engine sweep on")
     ap.add_argument("--engine-steps", type=int, default=120)
-    ap.add_argument("--engine-chunk", type=int, default=8,
-                    help="decode steps per engine dispatch (the server's --decode-chunk)")
+    ap.add_argument(
+        "--engine-chunk", type=int, default=8, help="decode steps per engine dispatch (the server's --decode-chunk)"
+    )
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--attn", default="xla", help="decode attention impl(s) for batch-1, comma separated")
@@ -184,8 +199,13 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write all results here")
     args = ap.parse_args(argv)
 
-    report = {"device": str(jax.devices()[0]), "backend": jax.default_backend(), "jax": jax.__version__,
-              "args": vars(args), "presets": {}}
+    report = {
+        "device": str(jax.devices()[0]),
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "args": vars(args),
+        "presets": {},
+    }
 
     def dump():
         if args.json:
@@ -205,8 +225,9 @@ def main(argv=None):
         w = None
         for attn in args.attn.split(","):
             try:
-                res, w = bench_batch1(cfg, params, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                      attn=attn, repeats=args.repeats)
+                res, w = bench_batch1(
+                    cfg, params, prompt_len=args.prompt_len, new_tokens=args.new_tokens, attn=attn, repeats=args.repeats
+                )
             except Exception as e:  # keep going: other rows still count
                 r[f"batch1_{attn}"] = {"error": f"{type(e).__name__}: {e}"}
                 print(f"{name} batch-1 [{attn}] failed: {e}", flush=True)
@@ -216,13 +237,17 @@ def main(argv=None):
             res["bound_tokens_per_s"] = bw / per_tok
             res["fraction_of_bound"] = res["tokens_per_s"] / res["bound_tokens_per_s"]
             r[f"batch1_{attn}"] = res
-            print(f"{name} batch-1 [{attn}]: {res['tokens_per_s']:.0f} tok/s, bound {res['bound_tokens_per_s']:.0f} "
-                  f"({100 * res['fraction_of_bound']:.0f}%), first call {res['first_call_s']:.1f}s", flush=True)
+            print(
+                f"{name} batch-1 [{attn}]: {res['tokens_per_s']:.0f} tok/s, bound {res['bound_tokens_per_s']:.0f} "
+                f"({100 * res['fraction_of_bound']:.0f}%), first call {res['first_call_s']:.1f}s",
+                flush=True,
+            )
             dump()
         if not args.no_hf:
             try:
-                r["hf"] = bench_hf(cfg, params, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                   repeats=args.repeats)
+                r["hf"] = bench_hf(
+                    cfg, params, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats
+                )
                 print(f"{name} HF generate: {r['hf']['tokens_per_s']:.0f} tok/s", flush=True)
             except Exception as e:
                 r["hf"] = {"error": f"{type(e).__name__}: {e}"}
@@ -231,10 +256,16 @@ def main(argv=None):
         del params
         if name in args.engine_presets.split(",") and w is not None:
             try:
-                r["engine"] = bench_engine(cfg, w, concurrencies=[int(c) for c in args.concurrency.split(",")],
-                                           max_batch=args.max_batch, prompt_len=args.prompt_len,
-                                           steps=args.engine_steps, repeats=args.repeats,
-                                           chunk=args.engine_chunk)
+                r["engine"] = bench_engine(
+                    cfg,
+                    w,
+                    concurrencies=[int(c) for c in args.concurrency.split(",")],
+                    max_batch=args.max_batch,
+                    prompt_len=args.prompt_len,
+                    steps=args.engine_steps,
+                    repeats=args.repeats,
+                    chunk=args.engine_chunk,
+                )
             except Exception as e:
                 r["engine"] = {"error": f"{type(e).__name__}: {e}"}
                 print(f"{name} engine failed: {e}", flush=True)
@@ -242,27 +273,33 @@ def main(argv=None):
         del w
 
     # ---- table ----
-    print(f"\ncopy bandwidth {report['copy_bandwidth_GBps']:.0f} GB/s; prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, bf16, greedy")
+    print(
+        f"\ncopy bandwidth {report['copy_bandwidth_GBps']:.0f} GB/s; prompt {args.prompt_len}, "
+        f"{args.new_tokens} new tokens, bf16, greedy"
+    )
     print(f"{'preset':<7} {'path':<22} {'tok/s':>9} {'ms/tok':>7} {'% bound':>8} {'vs HF':>6}")
     for name, r in report["presets"].items():
         hf = r.get("hf", {}).get("tokens_per_s")
         for key, v in r.items():
             if key.startswith("batch1_") and "tokens_per_s" in v:
                 ratio = f"{v['tokens_per_s'] / hf:.1f}x" if hf else "-"
-                print(f"{name:<7} {'batch-1 ' + key[7:]:<22} {v['tokens_per_s']:>9.0f} {v['ms_per_token']:>7.2f} "
-                      f"{100 * v['fraction_of_bound']:>7.0f}% {ratio:>6}")
+                print(
+                    f"{name:<7} {'batch-1 ' + key[7:]:<22} {v['tokens_per_s']:>9.0f} {v['ms_per_token']:>7.2f} "
+                    f"{100 * v['fraction_of_bound']:>7.0f}% {ratio:>6}"
+                )
         if hf:
             print(f"{name:<7} {'HF generate':<22} {hf:>9.0f} {r['hf']['ms_per_token']:>7.2f} {'':>8} {'1.0x':>6}")
         eng = r.get("engine", {})
         base = eng.get(1, {}).get("tokens_per_s") if isinstance(eng, dict) else None
         b1 = r.get("batch1_xla", {}).get("tokens_per_s")
-        for c, v in (eng.items() if isinstance(eng, dict) else []):
+        for c, v in eng.items() if isinstance(eng, dict) else []:
             if isinstance(v, dict) and "tokens_per_s" in v:
                 scale = f"{v['tokens_per_s'] / base:.1f}x c1" if base else ""
                 scale += f", {v['tokens_per_s'] / b1:.1f}x batch-1 loop" if b1 else ""
-                print(f"{name:<7} {f'engine c={c}':<22} {v['tokens_per_s']:>9.0f} {v['ms_per_step']:>7.2f} "
-                      f"{'':>8} {scale}")
+                print(
+                    f"{name:<7} {f'engine c={c}':<22} {v['tokens_per_s']:>9.0f} {v['ms_per_step']:>7.2f} "
+                    f"{'':>8} {scale}"
+                )
     dump()
     return report
 

@@ -17,7 +17,6 @@ Diagnostic only: the numbers reported in RESULTS.md come from `smedjan bench`.
 from __future__ import annotations
 
 import argparse
-import warnings
 import collections
 import glob
 import json
@@ -25,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -37,8 +37,20 @@ import numpy as np  # noqa: E402
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 CATEGORIES = [  # (category, substrings of a kernel name), first match wins
-    ("collective", ("nccl", "all-reduce", "all_reduce", "reduce-scatter", "reduce_scatter", "all-gather",
-                    "all_gather", "collective-permute", "all-to-all")),
+    (
+        "collective",
+        (
+            "nccl",
+            "all-reduce",
+            "all_reduce",
+            "reduce-scatter",
+            "reduce_scatter",
+            "all-gather",
+            "all_gather",
+            "collective-permute",
+            "all-to-all",
+        ),
+    ),
     ("attention", ("fmha", "flash", "cudnn", "attn", "_fwd_kernel", "_dq_kernel", "_dkdv_kernel", "decode_attention")),
     ("matmul", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "matmul", "dot")),
     ("copy", ("memcpy", "memset", "copy", "dynamic_update_slice", "dynamic-update-slice", "dynamic_slice")),
@@ -116,13 +128,15 @@ def profile_calls(fn, n: int = 5, warmup: int = 2) -> dict:
         "gpu_busy_ms_per_call": busy / n / 1e6,
         "kernels_per_call": kernels / n,
         "by_category_ms": {k: v / n / 1e6 for k, v in by_cat.most_common()},
-        "top_ops": [{"op": k, "ms": v[0] / n / 1e6, "count": v[1] / n, "cat": v[2], "kernel": v[3]}
-                    for k, v in top[:60]],
+        "top_ops": [
+            {"op": k, "ms": v[0] / n / 1e6, "count": v[1] / n, "cat": v[2], "kernel": v[3]} for k, v in top[:60]
+        ],
         "gpu_lines": sorted(lines_seen),
         # with several GPUs: each one's kernel time by category (collectives run on their own
         # stream, so a device's total above its wall time means they overlapped compute)
-        "per_device_ms": {dev: {k: v / n / 1e6 for k, v in cats.most_common()}
-                          for dev, cats in sorted(per_device.items())},
+        "per_device_ms": {
+            dev: {k: v / n / 1e6 for k, v in cats.most_common()} for dev, cats in sorted(per_device.items())
+        },
     }
 
 
@@ -131,8 +145,10 @@ def print_profile(title: str, prof: dict, top: int) -> None:
     if "error" in prof:
         print("  ", prof)
         return
-    print(f"  wall {prof['wall_ms']:.3f} ms/call, GPU kernels {prof['gpu_busy_ms_per_call']:.3f} ms/call "
-          f"({prof['kernels_per_call']:.0f} kernels/call)")
+    print(
+        f"  wall {prof['wall_ms']:.3f} ms/call, GPU kernels {prof['gpu_busy_ms_per_call']:.3f} ms/call "
+        f"({prof['kernels_per_call']:.0f} kernels/call)"
+    )
     print("  by category (ms/call): " + ", ".join(f"{k} {v:.3f}" for k, v in prof["by_category_ms"].items()))
     if len(prof.get("per_device_ms", {})) > 1:
         for dev, cats in prof["per_device_ms"].items():
@@ -176,14 +192,17 @@ REMAT_EXTRA = {
     # dots + the attention output saved by name (the fwd kernel is then not re-run for the bwd)
     "dots_attn": lambda: jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names("attn_out")),
+        jax.checkpoint_policies.save_only_these_names("attn_out"),
+    ),
     "dots_saveable": lambda: jax.checkpoint_policies.dots_saveable,
     "dots_mlp": lambda: jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names("mlp_act")),
+        jax.checkpoint_policies.save_only_these_names("mlp_act"),
+    ),
     "dots_mlp_attn": lambda: jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names("mlp_act", "attn_out")),
+        jax.checkpoint_policies.save_only_these_names("mlp_act", "attn_out"),
+    ),
 }
 
 
@@ -197,9 +216,14 @@ def train_fn(cfg, args, variant: dict):
         transformer.REMAT_POLICIES[remat] = REMAT_EXTRA[remat]()
     optimizer = ts.make_optimizer({"lr": 3e-4, "warmup_steps": 10, "total_steps": 10_000})
     state = ts.init_train_state(cfg, jax.random.PRNGKey(0), optimizer)
-    step = ts.make_train_step(cfg, optimizer, attn_impl=variant.get("attn", args.attn), remat=remat,
-                              loss_chunk=variant.get("loss_chunk", args.loss_chunk),
-                              scan_unroll=variant.get("unroll"))
+    step = ts.make_train_step(
+        cfg,
+        optimizer,
+        attn_impl=variant.get("attn", args.attn),
+        remat=remat,
+        loss_chunk=variant.get("loss_chunk", args.loss_chunk),
+        scan_unroll=variant.get("unroll"),
+    )
     batch = variant.get("batch", args.batch)
     toks = jax.random.randint(jax.random.PRNGKey(1), (batch, args.seq_len + 1), 0, cfg.vocab_size, jnp.int32)
     holder = {"s": state}
@@ -229,10 +253,18 @@ def decode_fn(cfg, args, variant: dict):
     def call():
         # Re-decoding from the same prefilled position each call: same work every time.
         runner.state = dict(runner.state, pos=jnp.full((1,), args.prompt, jnp.int32))
-        runner.state, toks, *_ = gen.decode_loop(runner.w, runner.state, first, jnp.ones((1,), jnp.bool_),
-                                                 jnp.asarray([-1], jnp.int32), cfg=cfg, n_steps=args.new,
-                                                 kv_len=kv_len, impl=runner.attn_impl,
-                                                 sampling=gen.sampling_mode([row]))
+        runner.state, toks, *_ = gen.decode_loop(
+            runner.w,
+            runner.state,
+            first,
+            jnp.ones((1,), jnp.bool_),
+            jnp.asarray([-1], jnp.int32),
+            cfg=cfg,
+            n_steps=args.new,
+            kv_len=kv_len,
+            impl=runner.attn_impl,
+            sampling=gen.sampling_mode([row]),
+        )
         return toks
 
     return call, args.new
@@ -243,8 +275,9 @@ def forward_fn(cfg, args, variant: dict):
 
     params = init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
     toks = jax.random.randint(jax.random.PRNGKey(1), (args.batch, args.seq_len), 0, cfg.vocab_size, jnp.int32)
-    f = jax.jit(partial(forward, cfg=cfg, attn_impl=variant.get("attn", args.attn),
-                        scan_unroll=variant.get("unroll", 1)))
+    f = jax.jit(
+        partial(forward, cfg=cfg, attn_impl=variant.get("attn", args.attn), scan_unroll=variant.get("unroll", 1))
+    )
     return (lambda: f(params, toks)), args.batch * args.seq_len
 
 
@@ -262,9 +295,13 @@ def main(argv=None) -> int:
     p.add_argument("--loss-chunk", type=int, default=None)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=128)
-    p.add_argument("--variants", nargs="*", default=[""],
-                   help="comma lists of knob=value (remat, unroll, attn, loss_chunk, batch; unset = the "
-                        "trainer's default); one run each")
+    p.add_argument(
+        "--variants",
+        nargs="*",
+        default=[""],
+        help="comma lists of knob=value (remat, unroll, attn, loss_chunk, batch; unset = the "
+        "trainer's default); one run each",
+    )
     p.add_argument("--profile", choices=["first", "all", "none"], default="first")
     p.add_argument("--calls", type=int, default=4, help="profiled calls")
     p.add_argument("--iters", type=int, default=5)
@@ -288,10 +325,16 @@ def main(argv=None) -> int:
             print(f"variant {vtext!r}: FAILED {type(e).__name__}: {str(e)[:400]}")
             results.append({"variant": vtext, "error": f"{type(e).__name__}: {str(e)[:400]}"})
             continue
-        rec = {"variant": vtext, "ms_per_call": sec * 1e3, "tokens_per_s": tokens / sec,
-               "setup_and_time_s": time.perf_counter() - t0}
-        print(f"variant {vtext or '(defaults)'!r}: {sec * 1e3:.3f} ms/call, {tokens / sec:,.0f} tok/s "
-              f"({rec['setup_and_time_s']:.0f} s incl. compile)")
+        rec = {
+            "variant": vtext,
+            "ms_per_call": sec * 1e3,
+            "tokens_per_s": tokens / sec,
+            "setup_and_time_s": time.perf_counter() - t0,
+        }
+        print(
+            f"variant {vtext or '(defaults)'!r}: {sec * 1e3:.3f} ms/call, {tokens / sec:,.0f} tok/s "
+            f"({rec['setup_and_time_s']:.0f} s incl. compile)"
+        )
         sys.stdout.flush()
         if args.profile == "all" or (args.profile == "first" and i == 0):
             prof = profile_calls(fn, n=args.calls)

@@ -36,8 +36,13 @@ from smedjan.config import preset  # noqa: E402
 from smedjan.sharding import batch_sharding, make_mesh, put_batch  # noqa: E402
 from smedjan.train.checkpointing import load_checkpoint, save_checkpoint  # noqa: E402
 from smedjan.train.loop import peak_flops_per_device  # noqa: E402
-from smedjan.train.step import (OptimConfig, init_train_state, make_optimizer, make_train_step,  # noqa: E402
-                                state_shardings)
+from smedjan.train.step import (
+    OptimConfig,
+    init_train_state,
+    make_optimizer,
+    make_train_step,  # noqa: E402
+    state_shardings,
+)
 
 
 def batches(cfg, n, batch, seq_len, seed=0):
@@ -49,8 +54,9 @@ def run_mesh(cfg, spec, devices, data, args, dtype, grad_accum):
     mesh = make_mesh(spec, devices)
     opt = make_optimizer(OptimConfig(lr=3e-4, warmup_steps=2, total_steps=1000))
     state = init_train_state(cfg, jax.random.key(0), opt, mesh=mesh)
-    step = make_train_step(cfg, opt, attn_impl=args.attn, remat=args.remat, compute_dtype=dtype,
-                           grad_accum=grad_accum, mesh=mesh)
+    step = make_train_step(
+        cfg, opt, attn_impl=args.attn, remat=args.remat, compute_dtype=dtype, grad_accum=grad_accum, mesh=mesh
+    )
     sh = batch_sharding(mesh)
     losses, times = [], []
     for i, tokens in enumerate(data):
@@ -60,7 +66,7 @@ def run_mesh(cfg, spec, devices, data, args, dtype, grad_accum):
         loss = float(metrics["loss"])  # syncs: each step is timed whole
         times.append(time.perf_counter() - t0)
         losses.append(loss)
-    timed = times[args.warmup:]
+    timed = times[args.warmup :]
     tok_s = args.batch * args.seq_len / statistics.median(timed)
     return mesh, opt, step, state, losses, tok_s
 
@@ -90,19 +96,29 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=3, help="steps excluded from timing (compilation)")
     ap.add_argument("--grad-accum", type=int, default=1)
-    ap.add_argument("--single-accum", type=int, default=None,
-                    help="gradient accumulation of the 1-device run only (default --grad-accum): the same "
-                         "global batch at the per-device batch of the N-device runs, when it does not fit whole")
+    ap.add_argument(
+        "--single-accum",
+        type=int,
+        default=None,
+        help="gradient accumulation of the 1-device run only (default --grad-accum): the same "
+        "global batch at the per-device batch of the N-device runs, when it does not fit whole",
+    )
     ap.add_argument("--remat", default="dots")
     ap.add_argument("--attn", default="auto")
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--devices", type=int, default=0, help="N (default: all)")
-    ap.add_argument("--runs", default="1,dp,fsdp",
-                    help="comma list of 1 (one device: the scaling baseline), dp (data parallel), fsdp")
+    ap.add_argument(
+        "--runs",
+        default="1,dp,fsdp",
+        help="comma list of 1 (one device: the scaling baseline), dp (data parallel), fsdp",
+    )
     ap.add_argument("--no-resume", action="store_true", help="skip the cross-mesh checkpoint check")
-    ap.add_argument("--profile", action="store_true",
-                    help="after each run's timed steps, profile 2 more steps and print GPU time per device "
-                         "by category (collectives apart; benchmarks/profile_gpu.py)")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after each run's timed steps, profile 2 more steps and print GPU time per device "
+        "by category (collectives apart; benchmarks/profile_gpu.py)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     wanted = set(args.runs.split(","))
@@ -125,23 +141,33 @@ def main(argv=None):
     if not runs:
         ap.error(f"--runs {args.runs!r} leaves nothing to run on {n} device(s)")
     if not args.json:
-        print(f"{args.size}: batch {args.batch} x {args.seq_len}, {args.precision}, remat={args.remat}, "
-              f"attn={args.attn}, device {devs[0].device_kind}")
+        print(
+            f"{args.size}: batch {args.batch} x {args.seq_len}, {args.precision}, remat={args.remat}, "
+            f"attn={args.attn}, device {devs[0].device_kind}"
+        )
         print(f"{'run':<22}{'tok/s':>12}{'MFU/dev':>9}{'scaling':>9}{'max |dloss|':>13}  first losses", flush=True)
     results, last = {}, None
     for name, (spec, d) in runs.items():
         accum = args.single_accum if len(d) == 1 and args.single_accum else args.grad_accum
         mesh, opt, step, state, losses, tok_s = run_mesh(cfg, spec, d, data, args, dtype, accum)
         ndev = len(d)
-        r = results[name] = {"mesh": spec, "devices": ndev, "tokens_per_s": tok_s, "losses": losses,
-                             "mfu_per_device": None if peak is None else tok_s * flops_tok / ndev / peak}
+        r = results[name] = {
+            "mesh": spec,
+            "devices": ndev,
+            "tokens_per_s": tok_s,
+            "losses": losses,
+            "mfu_per_device": None if peak is None else tok_s * flops_tok / ndev / peak,
+        }
         base = results.get("1 device", {"tokens_per_s": float("nan"), "losses": [float("nan")]})
         r["scaling_efficiency"] = tok_s / (ndev * base["tokens_per_s"])
         r["max_loss_diff_vs_1"] = max(abs(a - b) for a, b in zip(losses, base["losses"]))
         if not args.json:  # row by row, so a run cut short still shows what finished
             mfu = "n/a" if r["mfu_per_device"] is None else f"{100 * r['mfu_per_device']:.1f}%"
-            print(f"{name:<22}{tok_s:>12,.0f}{mfu:>9}{100 * r['scaling_efficiency']:>8.1f}%"
-                  f"{r['max_loss_diff_vs_1']:>13.2e}  {[round(x, 4) for x in losses[:3]]}", flush=True)
+            print(
+                f"{name:<22}{tok_s:>12,.0f}{mfu:>9}{100 * r['scaling_efficiency']:>8.1f}%"
+                f"{r['max_loss_diff_vs_1']:>13.2e}  {[round(x, 4) for x in losses[:3]]}",
+                flush=True,
+            )
         if args.profile:
             r["profile"] = profile_step(step, state, data[-1], mesh, name)
             state = r["profile"].pop("state")
@@ -167,15 +193,22 @@ def main(argv=None):
         _, got = step1(restored, {"tokens": put_batch(extra, batch_sharding(one))})
         back, _ = load_checkpoint(ckpt1, template, state_shardings(cfg, opt, mesh))  # and vice versa
         _, got_back = step(back, {"tokens": put_batch(extra, batch_sharding(mesh))})
-    resume = {"from": results[list(runs)[-1]]["mesh"], "to": "data=1", "loss_continuing": float(ref["loss"]),
-              "loss_resumed": float(got["loss"]), "loss_resumed_back": float(got_back["loss"])}
+    resume = {
+        "from": results[list(runs)[-1]]["mesh"],
+        "to": "data=1",
+        "loss_continuing": float(ref["loss"]),
+        "loss_resumed": float(got["loss"]),
+        "loss_resumed_back": float(got_back["loss"]),
+    }
 
     if args.json:
         print(json.dumps({"config": vars(args), "results": results, "resume": resume}, indent=2))
         return
-    print(f"resume {resume['from']} -> {resume['to']}: next-step loss {resume['loss_continuing']:.5f} continuing, "
-          f"{resume['loss_resumed']:.5f} resumed; saved on data=1, resumed on {resume['from']}: "
-          f"{resume['loss_resumed_back']:.5f}")
+    print(
+        f"resume {resume['from']} -> {resume['to']}: next-step loss {resume['loss_continuing']:.5f} continuing, "
+        f"{resume['loss_resumed']:.5f} resumed; saved on data=1, resumed on {resume['from']}: "
+        f"{resume['loss_resumed_back']:.5f}"
+    )
 
 
 if __name__ == "__main__":

@@ -73,8 +73,13 @@ def _train(torch, device, hf_dict, mode, batch, seq_len, iters, repeats, warmup,
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
     step_model = torch.compile(model) if mode == "compile" else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                            **({"fused": True} if device.type == "cuda" else {}))
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=1e-4,
+        betas=(0.9, 0.95),
+        weight_decay=0.1,
+        **({"fused": True} if device.type == "cuda" else {}),
+    )
     train_pool = [rand_tokens(batch, seq_len) for _ in range(4)]
 
     def train_chunk(n):
@@ -89,14 +94,29 @@ def _train(torch, device, hf_dict, mode, batch, seq_len, iters, repeats, warmup,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t, times = _timed(torch, device, train_chunk, iters, repeats, warmup)
-    return {"tokens_per_s": batch * seq_len / t, "step_ms": t * 1e3, "times_s": times,
-            "peak_mem_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
-            "grad_checkpointing": checkpointing}
+    return {
+        "tokens_per_s": batch * seq_len / t,
+        "step_ms": t * 1e3,
+        "times_s": times,
+        "peak_mem_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+        "grad_checkpointing": checkpointing,
+    }
 
 
-def run_peer(hf_dict: dict, batch: int, seq_len: int, *, iters: int = 10, repeats: int = 3, warmup: int = 2,
-             modes=("eager", "compile"), columns=("forward", "decode", "train"), decode_tokens: int | None = None,
-             grad_checkpointing: str = "auto", log=lambda *a: None) -> dict:
+def run_peer(
+    hf_dict: dict,
+    batch: int,
+    seq_len: int,
+    *,
+    iters: int = 10,
+    repeats: int = 3,
+    warmup: int = 2,
+    modes=("eager", "compile"),
+    columns=("forward", "decode", "train"),
+    decode_tokens: int | None = None,
+    grad_checkpointing: str = "auto",
+    log=lambda *a: None,
+) -> dict:
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -111,8 +131,12 @@ def run_peer(hf_dict: dict, batch: int, seq_len: int, *, iters: int = 10, repeat
         return torch.randint(0, vocab, (b, s), device=device, generator=gen)
 
     pool = [rand_tokens(batch, seq_len) for _ in range(4)]
-    out = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-           "torch": torch.__version__, "dtype": str(low), "results": {}}
+    out = {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "dtype": str(low),
+        "results": {},
+    }
     try:
         import transformers
 
@@ -138,8 +162,12 @@ def run_peer(hf_dict: dict, batch: int, seq_len: int, *, iters: int = 10, repeat
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 t, times = _timed(torch, device, fwd_chunk, iters, repeats, warmup)
-                res["forward"] = {"tokens_per_s": batch * seq_len / t, "step_ms": t * 1e3, "times_s": times,
-                                  "peak_mem_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None}
+                res["forward"] = {
+                    "tokens_per_s": batch * seq_len / t,
+                    "step_ms": t * 1e3,
+                    "times_s": times,
+                    "peak_mem_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+                }
             if "decode" in columns and not (mode == "compile" and device.type != "cuda"):
                 log(f"[peer {mode}] decode")
                 n_new = decode_tokens or max(2, seq_len // 2)
@@ -151,8 +179,7 @@ def run_peer(hf_dict: dict, batch: int, seq_len: int, *, iters: int = 10, repeat
                 def gen_time(n):
                     _sync(torch, device)
                     t0 = time.perf_counter()
-                    model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                   pad_token_id=0, **extra)
+                    model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **extra)
                     _sync(torch, device)
                     return time.perf_counter() - t0
 
@@ -162,15 +189,31 @@ def run_peer(hf_dict: dict, batch: int, seq_len: int, *, iters: int = 10, repeat
                 for _ in range(repeats):
                     per_tok.append((gen_time(n_new) - gen_time(1)) / (n_new - 1))
                 t = statistics.median(per_tok)
-                res["decode"] = {"tokens_per_s": 1.0 / t, "step_ms": t * 1e3, "times_s": per_tok,
-                                 "decode_tokens": n_new, "prompt_len": prompt_len}
+                res["decode"] = {
+                    "tokens_per_s": 1.0 / t,
+                    "step_ms": t * 1e3,
+                    "times_s": per_tok,
+                    "decode_tokens": n_new,
+                    "prompt_len": prompt_len,
+                }
             del model, fwd_model
         if "train" in columns:
             log(f"[peer {mode}] train")
             out_of_memory = False
             try:
-                res["train"] = _train(torch, device, hf_dict, mode, batch, seq_len, iters, repeats, warmup,
-                                      rand_tokens, grad_checkpointing == "on")
+                res["train"] = _train(
+                    torch,
+                    device,
+                    hf_dict,
+                    mode,
+                    batch,
+                    seq_len,
+                    iters,
+                    repeats,
+                    warmup,
+                    rand_tokens,
+                    grad_checkpointing == "on",
+                )
             except torch.cuda.OutOfMemoryError:
                 if grad_checkpointing != "auto":
                     raise
@@ -181,8 +224,9 @@ def run_peer(hf_dict: dict, batch: int, seq_len: int, *, iters: int = 10, repeat
                 log(f"[peer {mode}] train: out of memory, retrying with gradient checkpointing")
                 gc.collect()
                 torch.cuda.empty_cache()
-                res["train"] = _train(torch, device, hf_dict, mode, batch, seq_len, iters, repeats, warmup,
-                                      rand_tokens, True)
+                res["train"] = _train(
+                    torch, device, hf_dict, mode, batch, seq_len, iters, repeats, warmup, rand_tokens, True
+                )
         if device.type == "cuda":
             torch.cuda.empty_cache()
         out["results"][mode] = res
@@ -200,13 +244,26 @@ def main(argv=None) -> int:
     p.add_argument("--decode-tokens", type=int, default=None)
     p.add_argument("--modes", default="eager,compile")
     p.add_argument("--columns", default="forward,decode,train")
-    p.add_argument("--grad-checkpointing", choices=["auto", "on", "off"], default="auto",
-                   help="train with HF gradient checkpointing: auto = only if the batch runs out of memory")
+    p.add_argument(
+        "--grad-checkpointing",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="train with HF gradient checkpointing: auto = only if the batch runs out of memory",
+    )
     args = p.parse_args(argv)
-    res = run_peer(json.loads(args.config_json), args.batch, args.seq_len, iters=args.iters,
-                   repeats=args.repeats, warmup=args.warmup, modes=tuple(args.modes.split(",")),
-                   columns=tuple(args.columns.split(",")), decode_tokens=args.decode_tokens,
-                   grad_checkpointing=args.grad_checkpointing, log=lambda *a: print(*a, file=sys.stderr, flush=True))
+    res = run_peer(
+        json.loads(args.config_json),
+        args.batch,
+        args.seq_len,
+        iters=args.iters,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        modes=tuple(args.modes.split(",")),
+        columns=tuple(args.columns.split(",")),
+        decode_tokens=args.decode_tokens,
+        grad_checkpointing=args.grad_checkpointing,
+        log=lambda *a: print(*a, file=sys.stderr, flush=True),
+    )
     print(json.dumps(res))
     return 0
 

@@ -97,21 +97,24 @@ def diag_train(size="125m", batch=16, seq_len=1024, attn="cudnn", iters=8, log=p
         log(f"[diag] {name}: {res[name]}")
 
     for chunk in (1024, 16384):
+
         def lf(p, chunk=chunk):
-            return ts.loss_and_count(p, inputs, targets, cfg, attn_impl=attn, compute_dtype=bf16,
-                                     loss_chunk=chunk)[0]
+            return ts.loss_and_count(p, inputs, targets, cfg, attn_impl=attn, compute_dtype=bf16, loss_chunk=chunk)[0]
+
         rec(f"fwd+loss chunk={chunk}", jax.jit(lf), params)
         rec(f"grad chunk={chunk}", jax.jit(jax.grad(lf)), params)
 
     def body(p):
         h = forward(p, inputs, cfg, attn_impl=attn, compute_dtype=bf16, return_hidden=True)
         return jnp.sum(h.astype(jnp.float32))
+
     rec("fwd layers only", jax.jit(body), params)
     rec("grad layers only (no lm head / loss)", jax.jit(jax.grad(body)), params)
 
     def naive(p):
         h = forward(p, inputs, cfg, attn_impl=attn, compute_dtype=bf16, return_hidden=True)
         return naive_cross_entropy(h, lm_head(p, cfg), targets)[0]
+
     rec("grad full-logits CE", jax.jit(jax.grad(naive)), params)
 
     opt = ts.make_optimizer(OPTIM)
@@ -120,6 +123,7 @@ def diag_train(size="125m", batch=16, seq_len=1024, attn="cudnn", iters=8, log=p
     def upd(g, s, p):
         u, s = opt.update(g, s, p)
         return optax.apply_updates(p, u), s
+
     rec("optimizer update (clip + AdamW)", jax.jit(upd), params, ost, params)
     return res
 
@@ -182,16 +186,20 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             print(f"[peer] smedjan bench {line}", file=sys.stderr, flush=True)
             peers[line] = run_torch_peer(cfg, args)
-            print(f"[peer] done in {time.perf_counter() - t0:.0f}s: {json.dumps(peers[line])[:600]}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[peer] done in {time.perf_counter() - t0:.0f}s: {json.dumps(peers[line])[:600]}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     summary = []
     if a.diag:
         res = diag_train(log=lambda m: print(m, file=sys.stderr, flush=True))
         with open(log_path, "a") as f:
             f.write(json.dumps({"diag": res}) + "\n")
-        summary += [f"diag 125m 16x1024 cudnn: {k:<40} {v if isinstance(v, str) else f'{v:8.2f} ms'}"
-                    for k, v in res.items()]
+        summary += [
+            f"diag 125m 16x1024 cudnn: {k:<40} {v if isinstance(v, str) else f'{v:8.2f} ms'}" for k, v in res.items()
+        ]
     for line, cfg, args in entries:
         elapsed = time.perf_counter() - t_start
         if elapsed > a.budget_s:
@@ -217,7 +225,7 @@ def main(argv=None) -> int:
             print(format_table(out), flush=True)
         print(f"[run] {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
         summary.extend(summary_row(line, out))
-    print("\n==== summary ({:.0f}s) ====".format(time.perf_counter() - t_start))
+    print(f"\n==== summary ({time.perf_counter() - t_start:.0f}s) ====")
     print("\n".join(summary))
     return 0
 

@@ -28,10 +28,20 @@ def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray
     dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = HEADER.unpack_from(raw)
     shared = vocab > 0  # llama2.c's convention: a negative vocab size means an untied classifier
     vocab = abs(vocab)
-    cfg = ModelConfig(model_type="llama", vocab_size=vocab, hidden_size=dim, intermediate_size=hidden,
-                      num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv,
-                      max_position_embeddings=seq_len, rms_norm_eps=1e-5, tie_word_embeddings=shared,
-                      bos_token_id=1, eos_token_id=2)
+    cfg = ModelConfig(
+        model_type="llama",
+        vocab_size=vocab,
+        hidden_size=dim,
+        intermediate_size=hidden,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        max_position_embeddings=seq_len,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=shared,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     hd = dim // n_heads
     weights = np.frombuffer(raw, dtype=np.float32, offset=HEADER.size)
     offset = 0
@@ -41,7 +51,7 @@ def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray
         n = int(np.prod(shape))
         if offset + n > weights.size:
             raise ValueError(f"{path}: truncated llama2.c checkpoint (needs more than {weights.size} floats)")
-        out = weights[offset:offset + n].reshape(shape)
+        out = weights[offset : offset + n].reshape(shape)
         offset += n
         return out
 
@@ -74,7 +84,7 @@ def read_tokenizer(path: str | Path, vocab_size: int) -> list[tuple[str, float]]
     for _ in range(vocab_size):
         score, n = struct.unpack_from("fi", raw, offset)
         offset += 8
-        text = raw[offset:offset + n].decode("utf-8")
+        text = raw[offset : offset + n].decode("utf-8")
         offset += n
         text = {"\n<s>\n": "<s>", "\n</s>\n": "</s>"}.get(text, text).replace(" ", "▁")
         pieces.append((text, score))
@@ -91,33 +101,68 @@ def llama_tokenizer_json(pieces: list[tuple[str, float]]) -> dict:
     vocab = {p: i for i, (p, _) in enumerate(pieces)}
     merges = []
     for piece, score in pieces:
-        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
-                 if piece[:i] in vocab and piece[i:] in vocab]
+        local = [
+            (piece[:i], piece[i:], score) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab
+        ]
         merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
     merges.sort(key=lambda m: m[2], reverse=True)
-    special = [{"id": i, "content": p, "single_word": False, "lstrip": False, "rstrip": False,
-                "normalized": False, "special": True} for i, (p, _) in enumerate(pieces[:3])]
+    special = [
+        {
+            "id": i,
+            "content": p,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for i, (p, _) in enumerate(pieces[:3])
+    ]
     return {
         "version": "1.0",
         "truncation": None,
         "padding": None,
         "added_tokens": special,
-        "normalizer": {"type": "Sequence", "normalizers": [
-            {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": "▁"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+            ],
+        },
         "pre_tokenizer": None,
         "post_processor": {
             "type": "TemplateProcessing",
             "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "pair": [
+                {"SpecialToken": {"id": "<s>", "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": "<s>", "type_id": 1}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
             "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}},
         },
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
-            {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
-                  "vocab": vocab, "merges": [[a, b] for a, b, _ in merges]},
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+            ],
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": "<unk>",
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [[a, b] for a, b, _ in merges],
+        },
     }
 
 
@@ -126,9 +171,20 @@ def convert(checkpoint: str | Path, tokenizer: str | Path, output: str | Path) -
     output = Path(output)
     save_hf(output, cfg, params, dtype=np.float32)
     (output / "tokenizer.json").write_text(json.dumps(llama_tokenizer_json(read_tokenizer(tokenizer, cfg.vocab_size))))
-    (output / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "model_max_length": cfg.max_position_embeddings}, indent=2))
+    (output / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "model_max_length": cfg.max_position_embeddings,
+            },
+            indent=2,
+        )
+    )
     return output
 
 

@@ -35,10 +35,14 @@ import time
 from functools import partial
 from pathlib import Path
 
+from smedjan.errors import UserError
+
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
-FLOP_FORMULA = ("train: 6*N + 6*L*H*hd*S per token (N = matmul params incl. LM head, excl. embedding lookup; "
-                "attention QK^T+PV fwd+bwd, causal /2); forward: 1/3 of train; decode: 2*N + 4*L*H*hd*ctx; "
-                "MFU = FLOP/s / 989e12 (H100/H200 dense bf16)")
+FLOP_FORMULA = (
+    "train: 6*N + 6*L*H*hd*S per token (N = matmul params incl. LM head, excl. embedding lookup; "
+    "attention QK^T+PV fwd+bwd, causal /2); forward: 1/3 of train; decode: 2*N + 4*L*H*hd*ctx; "
+    "MFU = FLOP/s / 989e12 (H100/H200 dense bf16)"
+)
 COLUMNS = ("forward", "decode", "train")
 
 
@@ -77,16 +81,27 @@ def _timed(run_chunk, iters: int, repeats: int, warmup: int):
 def _column(tokens_per_step, step_s, flops_per_token, peak, times, mem, **extra):
     tps = tokens_per_step / step_s
     flops = tps * flops_per_token
-    return {"tokens_per_s": tps, "step_ms": step_s * 1e3, "tflops": flops / 1e12,
-            "mfu": (flops / peak) if peak else None, "peak_mem_bytes": mem,
-            "times_s": times, **extra}
+    return {
+        "tokens_per_s": tps,
+        "step_ms": step_s * 1e3,
+        "tflops": flops / 1e12,
+        "mfu": (flops / peak) if peak else None,
+        "peak_mem_bytes": mem,
+        "times_s": times,
+        **extra,
+    }
 
 
 def _dtype(name: str):
     import jax.numpy as jnp
 
-    return {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "float32": jnp.float32,
-            "fp16": jnp.float16}[name]
+    return {
+        "bf16": jnp.bfloat16,
+        "bfloat16": jnp.bfloat16,
+        "fp32": jnp.float32,
+        "float32": jnp.float32,
+        "fp16": jnp.float16,
+    }[name]
 
 
 # ---- columns -----------------------------------------------------------------------------------
@@ -124,10 +139,18 @@ def timed_decode_loop(runner, cfg, prompt: list[int], row: dict, n_new: int, kv_
     first = runner.prefill([0], [prompt], [row])
     jax.block_until_ready((first, runner.state))
     t0 = time.perf_counter()
-    runner.state, toks, *_ = gen.decode_loop(runner.w, runner.state, first, jnp.ones((1,), jnp.bool_),
-                                             jnp.asarray([-1], jnp.int32), cfg=cfg, n_steps=n_new,
-                                             kv_len=kv_len, impl=runner.attn_impl,
-                                             sampling=gen.sampling_mode([row]))
+    runner.state, toks, *_ = gen.decode_loop(
+        runner.w,
+        runner.state,
+        first,
+        jnp.ones((1,), jnp.bool_),
+        jnp.asarray([-1], jnp.int32),
+        cfg=cfg,
+        n_steps=n_new,
+        kv_len=kv_len,
+        impl=runner.attn_impl,
+        sampling=gen.sampling_mode([row]),
+    )
     toks = jax.block_until_ready(toks)
     return time.perf_counter() - t0, toks
 
@@ -184,13 +207,38 @@ def bench_decode(cfg, seq_len, *, attn, dtype, repeats, warmup, peak, decode_tok
     fpt = 2 * n + 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * ctx
     impl = runner.attn_impl
     del runner
-    return _column(1, t, fpt, peak, times, mem, prompt_len=prompt_len, decode_tokens=n_new,
-                   path=f"smedjan.generate.decode_loop (on-device loop, greedy, attn {impl})",
-                   per_step_tokens_per_s=1.0 / statistics.median(step_times), per_step_times_s=step_times)
+    return _column(
+        1,
+        t,
+        fpt,
+        peak,
+        times,
+        mem,
+        prompt_len=prompt_len,
+        decode_tokens=n_new,
+        path=f"smedjan.generate.decode_loop (on-device loop, greedy, attn {impl})",
+        per_step_tokens_per_s=1.0 / statistics.median(step_times),
+        per_step_times_s=step_times,
+    )
 
 
-def bench_train(cfg, batch, seq_len, *, attn, remat, dtype, iters, repeats, warmup, peak, loss_chunk=None,
-                grad_accum=1, pool=4, seed=0):
+def bench_train(
+    cfg,
+    batch,
+    seq_len,
+    *,
+    attn,
+    remat,
+    dtype,
+    iters,
+    repeats,
+    warmup,
+    peak,
+    loss_chunk=None,
+    grad_accum=1,
+    pool=4,
+    seed=0,
+):
     import jax
 
     try:
@@ -208,8 +256,10 @@ def bench_train(cfg, batch, seq_len, *, attn, remat, dtype, iters, repeats, warm
         kw["loss_chunk"] = loss_chunk
     step = train_step_mod.make_train_step(cfg, optimizer, **_accepted(train_step_mod.make_train_step, kw))
     keys = jax.random.split(jax.random.PRNGKey(seed + 3), pool)
-    batches = [_make_batch(train_step_mod, jax.random.randint(k, (batch, seq_len + 1), 0, cfg.vocab_size,
-                                                              jnp.int32)) for k in keys]
+    batches = [
+        _make_batch(train_step_mod, jax.random.randint(k, (batch, seq_len + 1), 0, cfg.vocab_size, jnp.int32))
+        for k in keys
+    ]
     holder = {"state": state}
 
     def chunk(n):
@@ -254,16 +304,36 @@ def run_torch_peer(cfg, args) -> dict:
     except ImportError as e:
         return {"error": f"torch/transformers not importable: {e}"}
     modes = args.peer_modes
-    cmd = [sys.executable, str(script), "--config-json", json.dumps(cfg.to_hf_dict()), "--batch", str(args.batch),
-           "--seq-len", str(args.seq_len), "--iters", str(args.iters), "--repeats", str(args.repeats),
-           "--warmup", str(args.warmup), "--modes", modes, "--columns", getattr(args, "peer_columns", None) or ",".join(args.columns)]
+    cmd = [
+        sys.executable,
+        str(script),
+        "--config-json",
+        json.dumps(cfg.to_hf_dict()),
+        "--batch",
+        str(args.batch),
+        "--seq-len",
+        str(args.seq_len),
+        "--iters",
+        str(args.iters),
+        "--repeats",
+        str(args.repeats),
+        "--warmup",
+        str(args.warmup),
+        "--modes",
+        modes,
+        "--columns",
+        getattr(args, "peer_columns", None) or ",".join(args.columns),
+    ]
     if args.decode_tokens:
         cmd += ["--decode-tokens", str(args.decode_tokens)]
     env = dict(os.environ)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        return {"error": "torch peer failed: " + proc.stderr.strip().splitlines()[-1] if proc.stderr.strip()
-                else f"torch peer exited {proc.returncode}"}
+        return {
+            "error": "torch peer failed: " + proc.stderr.strip().splitlines()[-1]
+            if proc.stderr.strip()
+            else f"torch peer exited {proc.returncode}"
+        }
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -287,13 +357,25 @@ def run_bench(cfg, args) -> dict:
                 results[col] = bench_forward(cfg, args.batch, args.seq_len, attn=attn, iters=args.iters, **common)
             elif col == "decode":
                 # the engine's own choice under --attn auto (generate.resolve_decode_impl)
-                results[col] = bench_decode(cfg, args.seq_len, attn=args.attn if args.attn == "auto" else attn,
-                                            decode_tokens=args.decode_tokens,
-                                            **common)
+                results[col] = bench_decode(
+                    cfg,
+                    args.seq_len,
+                    attn=args.attn if args.attn == "auto" else attn,
+                    decode_tokens=args.decode_tokens,
+                    **common,
+                )
             elif col == "train":
-                results[col] = bench_train(cfg, args.batch, args.seq_len, attn=attn, remat=args.remat,
-                                           iters=args.iters, loss_chunk=args.loss_chunk,
-                                           grad_accum=args.grad_accum, **common)
+                results[col] = bench_train(
+                    cfg,
+                    args.batch,
+                    args.seq_len,
+                    attn=attn,
+                    remat=args.remat,
+                    iters=args.iters,
+                    loss_chunk=args.loss_chunk,
+                    grad_accum=args.grad_accum,
+                    **common,
+                )
         except Exception as e:  # noqa: BLE001 - an OOM in one column should not hide the others
             if not _is_oom(e):
                 raise
@@ -302,11 +384,24 @@ def run_bench(cfg, args) -> dict:
 
     remat, loss_chunk, scan_unroll = speed_knobs(cfg, args.remat, args.loss_chunk)  # what the step ran
     out = {
-        "model": args.size, "config": cfg.to_hf_dict(), "num_params": cfg.num_params(),
-        "batch": args.batch, "seq_len": args.seq_len, "attn": attn, "remat": remat, "dtype": args.dtype,
-        "loss_chunk": loss_chunk, "scan_unroll": scan_unroll, "grad_accum": args.grad_accum,
-        "backend": jax.default_backend(), "device": dev.device_kind, "jax": jax.__version__,
-        "peak_flops": peak, "flop_formula": FLOP_FORMULA, "iters": args.iters, "repeats": args.repeats,
+        "model": args.size,
+        "config": cfg.to_hf_dict(),
+        "num_params": cfg.num_params(),
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "attn": attn,
+        "remat": remat,
+        "dtype": args.dtype,
+        "loss_chunk": loss_chunk,
+        "scan_unroll": scan_unroll,
+        "grad_accum": args.grad_accum,
+        "backend": jax.default_backend(),
+        "device": dev.device_kind,
+        "jax": jax.__version__,
+        "peak_flops": peak,
+        "flop_formula": FLOP_FORMULA,
+        "iters": args.iters,
+        "repeats": args.repeats,
         "results": results,
     }
     if peer is not None:
@@ -336,9 +431,11 @@ def _fmt_mem(b):
 
 
 def format_table(out: dict) -> str:
-    lines = [f"smedjan bench: {out['model']} ({out['num_params'] / 1e6:.1f}M params)  batch {out['batch']} x seq "
-             f"{out['seq_len']}  attn={out['attn']} remat={out['remat']} dtype={out['dtype']}  "
-             f"device={out['device']} ({out['backend']}, jax {out['jax']})"]
+    lines = [
+        f"smedjan bench: {out['model']} ({out['num_params'] / 1e6:.1f}M params)  batch {out['batch']} x seq "
+        f"{out['seq_len']}  attn={out['attn']} remat={out['remat']} dtype={out['dtype']}  "
+        f"device={out['device']} ({out['backend']}, jax {out['jax']})"
+    ]
     head = f"{'column':<9} {'tokens/s':>12} {'ms/step':>10} {'TFLOP/s':>9} {'MFU':>7} {'peak mem':>11}"
     lines += [head, "-" * len(head)]
     for col, r in out["results"].items():
@@ -346,12 +443,16 @@ def format_table(out: dict) -> str:
             lines.append(f"{col:<9} {r['error']}")
             continue
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        lines.append(f"{col:<9} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>10.3f} {r['tflops']:>9.2f} {mfu:>7} "
-                     f"{_fmt_mem(r['peak_mem_bytes']):>11}")
+        lines.append(
+            f"{col:<9} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>10.3f} {r['tflops']:>9.2f} {mfu:>7} "
+            f"{_fmt_mem(r['peak_mem_bytes']):>11}"
+        )
     dec = out["results"].get("decode", {})
     if "per_step_tokens_per_s" in dec:
-        lines.append(f"decode: {dec['decode_tokens']} tokens after a {dec['prompt_len']}-token prompt, batch 1, via "
-                     f"{dec['path']}; one dispatch per token (server path): {dec['per_step_tokens_per_s']:,.0f} tok/s")
+        lines.append(
+            f"decode: {dec['decode_tokens']} tokens after a {dec['prompt_len']}-token prompt, batch 1, via "
+            f"{dec['path']}; one dispatch per token (server path): {dec['per_step_tokens_per_s']:,.0f} tok/s"
+        )
     if out["results"].get("forward") or out["results"].get("train"):
         lines.append("peak mem: process peak so far (columns run in order), from jax memory_stats")
     peer = out.get("peer")
@@ -359,14 +460,18 @@ def format_table(out: dict) -> str:
         if "error" in peer:
             lines.append(f"peer torch: {peer['error']}")
         else:
-            lines.append(f"peer: torch {peer.get('torch')} + transformers {peer.get('transformers')} on "
-                         f"{peer.get('device')} ({peer.get('dtype')})")
+            lines.append(
+                f"peer: torch {peer.get('torch')} + transformers {peer.get('transformers')} on "
+                f"{peer.get('device')} ({peer.get('dtype')})"
+            )
             for mode, cols in peer["results"].items():
                 for col, r in cols.items():
                     ratio = out["ratio"].get(col, {}).get(mode)
                     rs = "" if ratio is None else f"   smedjan/peer = {ratio:.2f}x"
                     gc = "   (gradient checkpointing)" if r.get("grad_checkpointing") else ""
-                    lines.append(f"  {mode:<8} {col:<8} {r['tokens_per_s']:>12,.0f} tok/s {r['step_ms']:>9.3f} ms{rs}{gc}")
+                    lines.append(
+                        f"  {mode:<8} {col:<8} {r['tokens_per_s']:>12,.0f} tok/s {r['step_ms']:>9.3f} ms{rs}{gc}"
+                    )
     lines.append(f"FLOPs: {out['flop_formula']}")
     return "\n".join(lines)
 
@@ -377,7 +482,6 @@ def log(args, msg):
 
 
 def run(args) -> int:
-    from smedjan.cli import UserError
     from smedjan.config import ConfigError, resolve_config
     from smedjan.info import model_overrides
 
@@ -416,12 +520,17 @@ def run(args) -> int:
 def add_bench_args(p) -> None:
     from smedjan.info import add_model_args
 
-    p.add_argument("--size", default="small", help="preset (tiny, small, medium, 125m, 350m, 1b, ...) or checkpoint folder")
+    p.add_argument(
+        "--size", default="small", help="preset (tiny, small, medium, 125m, 350m, 1b, ...) or checkpoint folder"
+    )
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--attn", default="auto", choices=["auto", "xla", "cudnn", "pallas"])
-    p.add_argument("--remat", default="auto",
-                   help="remat policy of the train step (auto = the trainer's default, none, full, dots)")
+    p.add_argument(
+        "--remat",
+        default="auto",
+        help="remat policy of the train step (auto = the trainer's default, none, full, dots)",
+    )
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="compute dtype")
     p.add_argument("--loss-chunk", type=int, default=None, help="train step's cross-entropy chunk (tokens)")
     p.add_argument("--grad-accum", type=int, default=1)
@@ -430,8 +539,12 @@ def add_bench_args(p) -> None:
     p.add_argument("--repeats", type=int, default=5, help="repeats; the median is reported")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile included)")
     p.add_argument("--decode-tokens", type=int, default=None, help="decoded tokens per repeat (default seq_len/2)")
-    p.add_argument("--peer", choices=["none", "torch"], default="none",
-                   help="also run PyTorch + transformers at the same shapes and print the ratio")
+    p.add_argument(
+        "--peer",
+        choices=["none", "torch"],
+        default="none",
+        help="also run PyTorch + transformers at the same shapes and print the ratio",
+    )
     p.add_argument("--peer-modes", default="eager,compile", help="peer modes: eager,compile")
     p.add_argument("--peer-columns", default=None, help="peer columns (default: same as --columns)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -440,7 +553,10 @@ def add_bench_args(p) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="forward / decode / train throughput, MFU and memory (optionally vs PyTorch)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "bench",
+        help="forward / decode / train throughput, MFU and memory (optionally vs PyTorch)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_bench_args(p)
     p.set_defaults(func=run)

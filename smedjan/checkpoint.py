@@ -25,7 +25,7 @@ from smedjan.config import ConfigError, ModelConfig
 from smedjan.model.transformer import LAYER_PREFIX, param_shapes
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-DEFAULT_SHARD_BYTES = 2 * 1024 ** 3
+DEFAULT_SHARD_BYTES = 2 * 1024**3
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
@@ -46,8 +46,13 @@ def resolve_path(path_or_repo: str | os.PathLike, revision: str | None = None) -
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(path_or_repo), revision=revision,
-                                      allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"]))
+        return Path(
+            snapshot_download(
+                str(path_or_repo),
+                revision=revision,
+                allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"],
+            )
+        )
     except Exception as e:  # network, auth, offline cache miss: all end the same way for the user
         raise CheckpointError(f"could not fetch {path_or_repo!r} from the hub: {e}") from None
 
@@ -120,7 +125,7 @@ def load_params(folder: str | os.PathLike, cfg: ModelConfig, dtype=None, shardin
     try:
         for name, shape in expected.items():
             if name.startswith(LAYER_PREFIX):
-                rest = name[len(LAYER_PREFIX):]
+                rest = name[len(LAYER_PREFIX) :]
                 per_layer = [f"{LAYER_PREFIX}{i}.{rest}" for i in range(cfg.num_hidden_layers)]
                 arr = np.stack([tensor(n, shape[1:]) for n in per_layer])
                 used.update(per_layer)
@@ -154,15 +159,23 @@ def hf_tensors(params: dict, dtype=jnp.bfloat16):
     for name, value in params.items():
         arr = np.asarray(jax.device_get(value)).astype(np_dtype)
         if name.startswith(LAYER_PREFIX):
-            rest = name[len(LAYER_PREFIX):]
+            rest = name[len(LAYER_PREFIX) :]
             for i in range(arr.shape[0]):
                 yield f"{LAYER_PREFIX}{i}.{rest}", np.ascontiguousarray(arr[i])
         else:
             yield name, arr
 
 
-def save_hf(folder: str | os.PathLike, cfg: ModelConfig, params: dict, *, tokenizer_dir=None,
-            dtype=jnp.bfloat16, max_shard_bytes: int = DEFAULT_SHARD_BYTES, generation_config: dict | None = None):
+def save_hf(
+    folder: str | os.PathLike,
+    cfg: ModelConfig,
+    params: dict,
+    *,
+    tokenizer_dir=None,
+    dtype=jnp.bfloat16,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    generation_config: dict | None = None,
+):
     """Write a HF folder that transformers' AutoModelForCausalLM loads with no custom code.
 
     Written to a temporary sibling and renamed, so an interrupted save never leaves a
@@ -193,13 +206,18 @@ def save_hf(folder: str | os.PathLike, cfg: ModelConfig, params: dict, *, tokeni
             weight_map.update({k: fname for k in shard})
         total = sum(a.nbytes for s in shards for a in s.values())
         (tmp / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
 
     hf_cfg = cfg.to_hf_dict()
     hf_cfg["dtype"] = jnp.dtype(dtype).name
     (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
-           **(generation_config or {})}
+    gen = {
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        **(generation_config or {}),
+    }
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
     if tokenizer_dir is not None:
         for fname in TOKENIZER_FILES:

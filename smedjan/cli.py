@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from smedjan.errors import UserError
+
 # (module, one-line help) in pipeline order; each module defines register(subparsers).
 STAGES = [
     "smedjan.info",
@@ -27,13 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smedjan", description="The smithy for language models, in JAX.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in STAGES:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:  # stage not built in this checkout
-                continue
-            raise
-        mod.register(sub)
+        importlib.import_module(module).register(sub)
     return parser
 
 
@@ -53,13 +49,5 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-class UserError(Exception):
-    """Raised for bad input; printed as one line, no traceback."""
-
-
 if __name__ == "__main__":
-    # Under `python -m smedjan.cli` this file is __main__, but stages raise smedjan.cli.UserError:
-    # run the imported module's main so the two are the same class.
-    from smedjan.cli import main as package_main
-
-    sys.exit(package_main())
+    sys.exit(main())

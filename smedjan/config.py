@@ -24,14 +24,47 @@ ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 # Keys every HF config may carry that do not change the forward pass.
 _HARMLESS_KEYS = {
-    "architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
-    "initializer_range", "attention_dropout", "output_attentions", "output_hidden_states", "return_dict",
-    "id2label", "label2id", "chunk_size_feed_forward", "is_encoder_decoder", "problem_type",
-    "tokenizer_class", "task_specific_params", "prefix", "decoder_start_token_id", "sep_token_id",
-    "is_decoder", "add_cross_attention", "tie_encoder_decoder", "torchscript", "use_bfloat16",
-    "pruned_heads", "finetuning_task", "cross_attention_hidden_size", "tf_legacy_loss", "max_window_layers",
-    "use_sliding_window", "layer_types", "rope_theta", "rope_scaling", "rope_parameters", "hidden_act",
-    "mlp_bias", "pretraining_tp", "partial_rotary_factor", "_attn_implementation_autoset",
+    "architectures",
+    "_name_or_path",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "use_cache",
+    "initializer_range",
+    "attention_dropout",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "id2label",
+    "label2id",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "problem_type",
+    "tokenizer_class",
+    "task_specific_params",
+    "prefix",
+    "decoder_start_token_id",
+    "sep_token_id",
+    "is_decoder",
+    "add_cross_attention",
+    "tie_encoder_decoder",
+    "torchscript",
+    "use_bfloat16",
+    "pruned_heads",
+    "finetuning_task",
+    "cross_attention_hidden_size",
+    "tf_legacy_loss",
+    "max_window_layers",
+    "use_sliding_window",
+    "layer_types",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "hidden_act",
+    "mlp_bias",
+    "pretraining_tp",
+    "partial_rotary_factor",
+    "_attn_implementation_autoset",
 }
 
 
@@ -90,8 +123,16 @@ class ModelConfig:
             raise ConfigError(
                 f"model_type {self.model_type!r} is not supported; smedjan runs {sorted(SUPPORTED_MODEL_TYPES)}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -144,7 +185,7 @@ class ModelConfig:
 
     # ---- HF config.json ---------------------------------------------------------------------
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -196,8 +237,11 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
-            "rope_parameters": {"rope_type": self.rope_type, "rope_theta": self.rope_theta,
-                                **{k: v for k, v in (self.rope_scaling or {}).items() if k != "rope_type"}},
+            "rope_parameters": {
+                "rope_type": self.rope_type,
+                "rope_theta": self.rope_theta,
+                **{k: v for k, v in (self.rope_scaling or {}).items() if k != "rope_type"},
+            },
             "dtype": "bfloat16",
         }
         if self.model_type != "qwen2":
@@ -213,7 +257,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> "ModelConfig":
+    def from_json_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
             d = json.loads(path.read_text())
@@ -224,7 +268,7 @@ class ModelConfig:
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -281,22 +325,79 @@ def _read_sliding_window(d: dict, model_type: str) -> int | None:
 # ---- presets ---------------------------------------------------------------------------------
 # Shapes follow the usual Llama ratios; head_dim is 64 or 128 wherever the Pallas kernels matter.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=4, vocab_size=8192, max_position_embeddings=512),
-    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
-                  num_key_value_heads=8, vocab_size=8192, max_position_embeddings=1024),
-    "medium": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8,
-                   num_key_value_heads=8, vocab_size=8192, max_position_embeddings=1024),
-    "125m": dict(hidden_size=768, intermediate_size=2560, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=12, vocab_size=32000, max_position_embeddings=2048),
-    "350m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
-                 num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048),
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
-    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-               num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096, rope_theta=500000.0),
-    "6.5b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=8192,
+        max_position_embeddings=512,
+    ),
+    "small": dict(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=8192,
+        max_position_embeddings=1024,
+    ),
+    "medium": dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=8192,
+        max_position_embeddings=1024,
+    ),
+    "125m": dict(
+        hidden_size=768,
+        intermediate_size=2560,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    ),
+    "350m": dict(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    ),
+    "3b": dict(
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        rope_theta=500000.0,
+    ),
+    "6.5b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
 }
 
 
@@ -309,7 +410,7 @@ def preset(name: str, **overrides) -> ModelConfig:
 def memory_report(cfg: ModelConfig, param_bytes: int = 4, optimizer_states: int = 2) -> dict[str, float]:
     """GiB for parameters, gradients and AdamW state at the given parameter precision."""
     n = cfg.num_params()
-    gib = 1024 ** 3
+    gib = 1024**3
     return {
         "params_gib": n * param_bytes / gib,
         "grads_gib": n * param_bytes / gib,
@@ -335,5 +436,3 @@ def resolve_config(spec: str, **overrides) -> ModelConfig:
         cfg = ModelConfig.from_json_file(path)
         return cfg.replace(**overrides) if overrides else cfg
     return preset(spec, **overrides)
-
-

@@ -18,142 +18,19 @@ file, and `auto` (default) picks `blank` if the file's first MiB holds a blank l
 
 from __future__ import annotations
 
-import glob
-import gzip
-import io
 import json
 import math
 import os
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
+from smedjan.errors import UserError
+from smedjan.text import DataError, count_input_bytes, expand_inputs, iter_documents
+from smedjan.tokenizer import Tokenizer, TokenizerError
+
 HEADER = "header.json"
 FORMAT = "smedjan-tokens-v1"
-TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".md", ".text")
-
-
-class DataError(ValueError):
-    """Bad data input or a dataset that does not fit the run."""
-
-
-# ---- reading documents ------------------------------------------------------------------------------
-def expand_inputs(patterns: list[str] | str) -> list[Path]:
-    """Files from paths, globs and folders (a folder contributes its .txt/.jsonl(.gz) files)."""
-    if isinstance(patterns, (str, os.PathLike)):
-        patterns = [patterns]
-    out: list[Path] = []
-    for pat in patterns:
-        pat = str(pat)
-        if any(c in pat for c in "*?["):
-            matches = sorted(glob.glob(pat, recursive=True))
-            if not matches:
-                raise DataError(f"{pat}: no files match")
-            out.extend(Path(m) for m in matches if Path(m).is_file())
-        elif Path(pat).is_dir():
-            files = sorted(p for p in Path(pat).rglob("*") if p.is_file() and _base_suffix(p) in TEXT_SUFFIXES)
-            if not files:
-                raise DataError(f"{pat}: folder holds no .txt/.jsonl files")
-            out.extend(files)
-        elif Path(pat).is_file():
-            out.append(Path(pat))
-        else:
-            raise DataError(f"{pat}: no such file")
-    if not out:
-        raise DataError("no input files")
-    return out
-
-
-def _base_suffix(path: Path) -> str:
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        name = name[:-3]
-    return os.path.splitext(name)[1]
-
-
-def _open_text(path: Path):
-    if path.name.lower().endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
-
-
-def count_input_bytes(paths: list[Path]) -> int | None:
-    """Uncompressed size for progress bars (None when a .gz hides it)."""
-    if any(p.name.lower().endswith(".gz") for p in paths):
-        return None
-    return sum(p.stat().st_size for p in paths)
-
-
-def iter_documents(paths: list[Path], text_field: str = "text", split: str = "auto") -> Iterator[str]:
-    """Stream documents (non-empty strings) from every input, in order."""
-    if split not in ("auto", "line", "blank", "file"):
-        raise DataError(f"split must be auto, line, blank or file, got {split!r}")
-    for path in paths:
-        if _base_suffix(path) in (".jsonl", ".json"):
-            yield from _iter_jsonl(path, text_field)
-        else:
-            yield from _iter_text(path, split)
-
-
-def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or field not in obj:
-                keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                raise DataError(f"{path}:{lineno}: no field {field!r} (has {keys}); pick one with --text-field")
-            text = obj[field]
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{lineno}: field {field!r} is {type(text).__name__}, not a string")
-            if text.strip():
-                yield text
-
-
-def _iter_text(path: Path, split: str) -> Iterator[str]:
-    with _open_text(path) as f:
-        if split == "auto":
-            head = f.read(1 << 20)
-            split = "blank" if "\n\n" in head.replace("\r\n", "\n") else "line"
-            lines = _chain_lines(head, f)
-        else:
-            lines = iter(f)
-        if split == "file":
-            text = "".join(lines)
-            if text.strip():
-                yield text
-            return
-        if split == "line":
-            for line in lines:
-                line = line.rstrip("\r\n")
-                if line.strip():
-                    yield line
-            return
-        para: list[str] = []
-        for line in lines:
-            if line.strip():
-                para.append(line)
-            elif para:
-                yield "".join(para).rstrip("\r\n")
-                para = []
-        if para:
-            yield "".join(para).rstrip("\r\n")
-
-
-def _chain_lines(head: str, f) -> Iterator[str]:
-    """Lines of `head` followed by the rest of the file, with the line `head` cut in two rejoined."""
-    parts = head.splitlines(keepends=True)
-    if parts and not parts[-1].endswith("\n"):
-        rest = f.readline()
-        parts[-1] += rest
-    yield from parts
-    yield from f
 
 
 # ---- preparing a dataset ------------------------------------------------------------------------------
@@ -166,12 +43,20 @@ def is_val_doc(i: int, fraction: float) -> bool:
     return fraction > 0 and math.floor((i + 1) * fraction + 1e-9) > math.floor(i * fraction + 1e-9)
 
 
-def prepare(inputs, tokenizer_dir, output, *, val_fraction: float = 0.05, text_field: str = "text",
-            split: str = "auto", batch_docs: int = 512, batch_chars: int = 4 << 20, progress: bool = True) -> dict:
+def prepare(
+    inputs,
+    tokenizer_dir,
+    output,
+    *,
+    val_fraction: float = 0.05,
+    text_field: str = "text",
+    split: str = "auto",
+    batch_docs: int = 512,
+    batch_chars: int = 4 << 20,
+    progress: bool = True,
+) -> dict:
     """Tokenise `inputs` into `output`/{train,val}.bin + header.json; returns the header."""
     from tqdm import tqdm
-
-    from smedjan.tokenizer import Tokenizer
 
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
@@ -186,8 +71,14 @@ def prepare(inputs, tokenizer_dir, output, *, val_fraction: float = 0.05, text_f
     files = {s: open(output / f"{s}.bin.tmp", "wb") for s in ("train", "val")}
     counts = {s: {"documents": 0, "tokens": 0} for s in ("train", "val")}
     total = count_input_bytes(paths)
-    bar = tqdm(total=total, desc="tokenising", unit="B" if total else " docs", unit_scale=bool(total),
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        desc="tokenising",
+        unit="B" if total else " docs",
+        unit_scale=bool(total),
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     n_doc = 0
 
     def flush(batch: list[str]):
@@ -227,8 +118,10 @@ def prepare(inputs, tokenizer_dir, output, *, val_fraction: float = 0.05, text_f
         raise DataError(f"no text found in {', '.join(map(str, paths))}")
     if val_fraction > 0 and counts["val"]["documents"] == 0:
         need = math.ceil(1 / val_fraction)
-        raise DataError(f"only {n_doc} document(s): --val-fraction {val_fraction} needs at least {need} "
-                        f"(or pass --val-fraction 0, or --split line for one document per line)")
+        raise DataError(
+            f"only {n_doc} document(s): --val-fraction {val_fraction} needs at least {need} "
+            f"(or pass --val-fraction 0, or --split line for one document per line)"
+        )
     for s in files:
         os.replace(output / f"{s}.bin.tmp", output / f"{s}.bin")
     header = {
@@ -282,14 +175,14 @@ class TokenDataset:
         return self.header["tokenizer_sha256"]
 
     def check_tokenizer(self, tokenizer_dir: str | os.PathLike) -> None:
-        from smedjan.tokenizer import Tokenizer
 
         tok_hash = Tokenizer.from_dir(tokenizer_dir).hash
         if tok_hash != self.tokenizer_hash:
             raise DataError(
                 f"dataset {self.folder} was tokenised with a different tokenizer "
                 f"(sha256 {self.tokenizer_hash[:12]}…) than {tokenizer_dir} ({tok_hash[:12]}…); "
-                f"re-run `smedjan prepare` with this tokenizer")
+                f"re-run `smedjan prepare` with this tokenizer"
+            )
 
     def num_tokens(self, split: str = "train") -> int:
         return int(self.header["splits"][split]["tokens"])
@@ -306,17 +199,24 @@ class TokenDataset:
 
 # ---- CLI -----------------------------------------------------------------------------------------------
 def run(args) -> int:
-    from smedjan.cli import UserError
-    from smedjan.tokenizer import TokenizerError
 
     try:
-        h = prepare(args.input, args.tokenizer, args.output, val_fraction=args.val_fraction,
-                    text_field=args.text_field, split=args.split, batch_docs=args.batch_docs)
+        h = prepare(
+            args.input,
+            args.tokenizer,
+            args.output,
+            val_fraction=args.val_fraction,
+            text_field=args.text_field,
+            split=args.split,
+            batch_docs=args.batch_docs,
+        )
     except (DataError, TokenizerError) as e:
         raise UserError(str(e)) from None
     tr, va = h["splits"]["train"], h["splits"]["val"]
-    print(f"wrote {args.output}: {h['documents']} documents, {h['tokens']:,} tokens ({h['dtype']}); "
-          f"train {tr['documents']} docs / {tr['tokens']:,} tokens, val {va['documents']} docs / {va['tokens']:,} tokens")
+    print(
+        f"wrote {args.output}: {h['documents']} documents, {h['tokens']:,} tokens ({h['dtype']}); "
+        f"train {tr['documents']} docs / {tr['tokens']:,} tokens, val {va['documents']} docs / {va['tokens']:,} tokens"
+    )
     return 0
 
 
@@ -327,7 +227,11 @@ def register(sub) -> None:
     p.add_argument("--output", required=True, help="dataset folder to write")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out for validation")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    p.add_argument("--split", choices=["auto", "line", "blank", "file"], default="auto",
-                   help="document boundaries in .txt files (auto: blank lines if any, else lines)")
+    p.add_argument(
+        "--split",
+        choices=["auto", "line", "blank", "file"],
+        default="auto",
+        help="document boundaries in .txt files (auto: blank lines if any, else lines)",
+    )
     p.add_argument("--batch-docs", type=int, default=512, help="documents per encode_batch call")
     p.set_defaults(func=run)

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from smedjan.config import ModelConfig
+from smedjan.errors import UserError
 from smedjan.model.attention import attention
 from smedjan.model.rope import apply_rope, rope_cos_sin
 from smedjan.model.transformer import layer_params, linear, lm_head, rms_norm
@@ -76,8 +77,9 @@ class SamplingParams:
     top_logprobs: int = 0
     ignore_eos: bool = False
 
-    def validate(self) -> "SamplingParams":
+    def validate(self) -> SamplingParams:
         """Raise ValueError(param_name, message) for out-of-range values."""
+
         def bad(name, msg):
             raise ValueError(name, msg)
 
@@ -104,16 +106,28 @@ class SamplingParams:
         return self
 
     def row(self, seed: int) -> dict:
-        return {"temperature": float(self.temperature), "top_k": int(max(self.top_k, 0)),
-                "top_p": float(self.top_p), "min_p": float(self.min_p),
-                "repetition_penalty": float(self.repetition_penalty),
-                "presence_penalty": float(self.presence_penalty),
-                "frequency_penalty": float(self.frequency_penalty), "seed": int(seed) & 0xFFFFFFFF}
+        return {
+            "temperature": float(self.temperature),
+            "top_k": int(max(self.top_k, 0)),
+            "top_p": float(self.top_p),
+            "min_p": float(self.min_p),
+            "repetition_penalty": float(self.repetition_penalty),
+            "presence_penalty": float(self.presence_penalty),
+            "frequency_penalty": float(self.frequency_penalty),
+            "seed": int(seed) & 0xFFFFFFFF,
+        }
 
 
-_SAMP_DTYPES = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "min_p": np.float32,
-                "repetition_penalty": np.float32, "presence_penalty": np.float32,
-                "frequency_penalty": np.float32, "seed": np.uint32}
+_SAMP_DTYPES = {
+    "temperature": np.float32,
+    "top_k": np.int32,
+    "top_p": np.float32,
+    "min_p": np.float32,
+    "repetition_penalty": np.float32,
+    "presence_penalty": np.float32,
+    "frequency_penalty": np.float32,
+    "seed": np.uint32,
+}
 
 
 def _samp_arrays(rows: list[dict]) -> dict:
@@ -130,6 +144,7 @@ def prepare_params(params: dict, cfg: ModelConfig, dtype=None) -> dict:
     lp = layer_params(params)
     layers = []
     for i in range(cfg.num_hidden_layers):
+
         def g(name):
             return lp[name][i].astype(dtype)
 
@@ -141,15 +156,18 @@ def prepare_params(params: dict, cfg: ModelConfig, dtype=None) -> dict:
             return jnp.concatenate([lp[n][i].astype(jnp.float32) * ln for n in names], axis=0).astype(dtype)
 
         layer = {
-            "qkv": normed(["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
-                          "input_layernorm.weight"),
+            "qkv": normed(
+                ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+                "input_layernorm.weight",
+            ),
             "o": g("self_attn.o_proj.weight"),
             "gate_up": normed(["mlp.gate_proj.weight", "mlp.up_proj.weight"], "post_attention_layernorm.weight"),
             "down": g("mlp.down_proj.weight"),
         }
         if cfg.qkv_bias:
-            layer["qkv_b"] = jnp.concatenate([g("self_attn.q_proj.bias"), g("self_attn.k_proj.bias"),
-                                              g("self_attn.v_proj.bias")], axis=0)
+            layer["qkv_b"] = jnp.concatenate(
+                [g("self_attn.q_proj.bias"), g("self_attn.k_proj.bias"), g("self_attn.v_proj.bias")], axis=0
+            )
         if cfg.o_bias:
             layer["o_b"] = g("self_attn.o_proj.bias")
         if cfg.qk_norm:
@@ -221,8 +239,18 @@ def _decode_forward(w, cfg: ModelConfig, caches, tokens, pos, active, kv_len: in
             # attention of the new token (pallas_kernels/decode_layer_attention.py).
             qkv = _normed_linear(x, p["qkv"], cfg.rms_norm_eps, p.get("qkv_b"))
             out, ck, cv = decode_layer_attention(
-                qkv.reshape(b, -1), cos.reshape(b, hd), sin.reshape(b, hd), pos, ck, cv, num_heads=hq,
-                num_kv_heads=hkv, head_dim=hd, sliding_window=cfg.sliding_window, kv_len=kv_len)
+                qkv.reshape(b, -1),
+                cos.reshape(b, hd),
+                sin.reshape(b, hd),
+                pos,
+                ck,
+                cv,
+                num_heads=hq,
+                num_kv_heads=hkv,
+                head_dim=hd,
+                sliding_window=cfg.sliding_window,
+                kv_len=kv_len,
+            )
         else:
             q, k, v = _qkv(x, p, cfg, cos, sin)
             if b == 1:
@@ -240,8 +268,16 @@ def _decode_forward(w, cfg: ModelConfig, caches, tokens, pos, active, kv_len: in
             else:
                 kk, vv = ck[:, :kv_len], cv[:, :kv_len]
             kv_pos = jnp.broadcast_to(jnp.arange(kk.shape[1], dtype=jnp.int32), (b, kk.shape[1]))
-            out = attention(q, kk.astype(q.dtype), vv.astype(q.dtype), q_pos=q_pos, kv_pos=kv_pos,
-                            sliding_window=cfg.sliding_window, impl=impl, decoding=True)
+            out = attention(
+                q,
+                kk.astype(q.dtype),
+                vv.astype(q.dtype),
+                q_pos=q_pos,
+                kv_pos=kv_pos,
+                sliding_window=cfg.sliding_window,
+                impl=impl,
+                decoding=True,
+            )
         x = _finish_layer(x, out.reshape(b, 1, -1), p, cfg)
         new_caches.append((ck, cv))
     x = rms_norm(x[:, 0], w["norm"], cfg.rms_norm_eps)
@@ -266,8 +302,9 @@ def _prefill_forward(w, cfg: ModelConfig, caches, tokens, lens, slots, impl: str
         q, k, v = _qkv(x, p, cfg, cos, sin)
         ck = ck.at[slots[:, None], positions].set(k.astype(ck.dtype), mode="drop")
         cv = cv.at[slots[:, None], positions].set(v.astype(cv.dtype), mode="drop")
-        out = attention(q, k, v, q_pos=positions, kv_pos=positions, sliding_window=cfg.sliding_window,
-                        impl=prefill_impl)
+        out = attention(
+            q, k, v, q_pos=positions, kv_pos=positions, sliding_window=cfg.sliding_window, impl=prefill_impl
+        )
         x = _finish_layer(x, out, p, cfg)
         new_caches.append((ck, cv))
     last = jnp.take_along_axis(x, (lens - 1)[:, None, None], axis=1)[:, 0]
@@ -280,8 +317,7 @@ def _penalize(logits, samp, counts, prompt_mask):
     rp = samp["repetition_penalty"][:, None]
     seen = (counts > 0) | prompt_mask
     logits = jnp.where(seen, jnp.where(logits > 0, logits / rp, logits * rp), logits)
-    return (logits - samp["frequency_penalty"][:, None] * counts
-            - samp["presence_penalty"][:, None] * (counts > 0))
+    return logits - samp["frequency_penalty"][:, None] * counts - samp["presence_penalty"][:, None] * (counts > 0)
 
 
 def _mix32(x):
@@ -295,7 +331,9 @@ def _mix32(x):
 
 def _uniform(seed, pos):
     """A uniform in [0, 1) per row from (seed, position)."""
-    h = _mix32(_mix32(seed.astype(jnp.uint32) ^ jnp.uint32(0x9E3779B9)) + pos.astype(jnp.uint32) * jnp.uint32(0x632BE5AB))
+    h = _mix32(
+        _mix32(seed.astype(jnp.uint32) ^ jnp.uint32(0x9E3779B9)) + pos.astype(jnp.uint32) * jnp.uint32(0x632BE5AB)
+    )
     h = _mix32(h)
     return (h >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
 
@@ -328,8 +366,9 @@ def sampling_mode(rows: list[dict]) -> tuple[bool, bool]:
     """(does any row sample, does any row use a penalty) for `rows` of `SamplingParams.row`: the
     host knows this, so the jitted steps can be specialised to it (`_sample`'s `mode`)."""
     sampled = any(r["temperature"] > 0 for r in rows)
-    penalized = any(r["repetition_penalty"] != 1.0 or r["presence_penalty"] != 0.0 or r["frequency_penalty"] != 0.0
-                    for r in rows)
+    penalized = any(
+        r["repetition_penalty"] != 1.0 or r["presence_penalty"] != 0.0 or r["frequency_penalty"] != 0.0 for r in rows
+    )
     return sampled, penalized
 
 
@@ -343,13 +382,19 @@ def _sample(logits, samp, counts, prompt_mask, key_pos, top_n: int, mode: tuple[
     """
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     if mode is None:
-        any_pen = (jnp.any(samp["repetition_penalty"] != 1.0) | jnp.any(samp["presence_penalty"] != 0.0)
-                   | jnp.any(samp["frequency_penalty"] != 0.0))
+        any_pen = (
+            jnp.any(samp["repetition_penalty"] != 1.0)
+            | jnp.any(samp["presence_penalty"] != 0.0)
+            | jnp.any(samp["frequency_penalty"] != 0.0)
+        )
         logits = jax.lax.cond(any_pen, lambda l: _penalize(l, samp, counts, prompt_mask), lambda l: l, logits)
         greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        tok = jax.lax.cond(jnp.all(samp["temperature"] <= 0), lambda l: greedy,
-                           lambda l: jnp.where(samp["temperature"] > 0, _sample_rows(l, samp, key_pos), greedy),
-                           logits)
+        tok = jax.lax.cond(
+            jnp.all(samp["temperature"] <= 0),
+            lambda l: greedy,
+            lambda l: jnp.where(samp["temperature"] > 0, _sample_rows(l, samp, key_pos), greedy),
+            logits,
+        )
     else:
         sampled, penalized = mode
         if penalized:
@@ -373,8 +418,10 @@ def init_state(cfg: ModelConfig, batch: int, max_len: int, dtype) -> dict:
         "pos": jnp.zeros((batch,), jnp.int32),
         "counts": jnp.zeros((batch, cfg.vocab_size), jnp.int32),
         "prompt_mask": jnp.zeros((batch, cfg.vocab_size), jnp.bool_),
-        "samp": {k: jnp.asarray(np.full((batch,), 1.0 if k in ("top_p", "repetition_penalty") else 0, dt))
-                 for k, dt in _SAMP_DTYPES.items()},
+        "samp": {
+            k: jnp.asarray(np.full((batch,), 1.0 if k in ("top_p", "repetition_penalty") else 0, dt))
+            for k, dt in _SAMP_DTYPES.items()
+        },
     }
 
 
@@ -383,14 +430,18 @@ def _step_core(w, state, active, cfg, kv_len, impl, top_n, sampling):
     out = _sample(logits, state["samp"], state["counts"], state["prompt_mask"], state["pos"], top_n, sampling)
     b = logits.shape[0]
     tok = jnp.where(active, out["tok"], state["tok"])
-    new = dict(state, caches=caches, tok=tok, pos=jnp.where(active, state["pos"] + 1, state["pos"]),
-               counts=state["counts"].at[jnp.arange(b), tok].add(active.astype(jnp.int32)))
+    new = dict(
+        state,
+        caches=caches,
+        tok=tok,
+        pos=jnp.where(active, state["pos"] + 1, state["pos"]),
+        counts=state["counts"].at[jnp.arange(b), tok].add(active.astype(jnp.int32)),
+    )
     return new, out
 
 
 @partial(jax.jit, static_argnames=("cfg", "kv_len", "impl", "top_n", "n_steps"), donate_argnames=("state",))
-def decode_steps(w, state, active, cfg: ModelConfig, kv_len: int, impl: str = "xla", top_n: int = 0,
-                 n_steps: int = 1):
+def decode_steps(w, state, active, cfg: ModelConfig, kv_len: int, impl: str = "xla", top_n: int = 0, n_steps: int = 1):
     """`n_steps` decode steps for every slot in one dispatch; outputs are stacked [n_steps, B, ...].
 
     Inactive slots neither advance nor count. The count is fixed (no early exit): a row that
@@ -399,8 +450,9 @@ def decode_steps(w, state, active, cfg: ModelConfig, kv_len: int, impl: str = "x
     H100 is larger than the GPU work of one step. Sampling is decided on the device (`_sample`'s
     mode None): a server's rows change, and a specialised program per mix would compile mid-stream.
     """
-    return jax.lax.scan(lambda st, _: _step_core(w, st, active, cfg, kv_len, impl, top_n, None), state,
-                        None, length=n_steps)
+    return jax.lax.scan(
+        lambda st, _: _step_core(w, st, active, cfg, kv_len, impl, top_n, None), state, None, length=n_steps
+    )
 
 
 @partial(jax.jit, static_argnames=("cfg", "impl", "top_n"), donate_argnames=("state",))
@@ -414,12 +466,15 @@ def prefill_step(w, state, tokens, lens, slots, samp, cfg: ModelConfig, impl: st
     counts = jnp.zeros((n, v), jnp.int32)
     out = _sample(logits, samp, counts, pm, lens - 1, top_n)
     counts = counts.at[jnp.arange(n), out["tok"]].add(1)
-    new = dict(state, caches=caches,
-               tok=state["tok"].at[slots].set(out["tok"]),
-               pos=state["pos"].at[slots].set(lens),
-               counts=state["counts"].at[slots].set(counts),
-               prompt_mask=state["prompt_mask"].at[slots].set(pm),
-               samp={k: state["samp"][k].at[slots].set(samp[k]) for k in state["samp"]})
+    new = dict(
+        state,
+        caches=caches,
+        tok=state["tok"].at[slots].set(out["tok"]),
+        pos=state["pos"].at[slots].set(lens),
+        counts=state["counts"].at[slots].set(counts),
+        prompt_mask=state["prompt_mask"].at[slots].set(pm),
+        samp={k: state["samp"][k].at[slots].set(samp[k]) for k in state["samp"]},
+    )
     return new, out
 
 
@@ -430,11 +485,25 @@ def _loop_chunk() -> int:
     return 16 if jax.default_backend() == "gpu" else 1
 
 
-@partial(jax.jit, static_argnames=("cfg", "n_steps", "kv_len", "impl", "top_n", "sampling", "chunk"),
-         donate_argnames=("state",))
-def decode_loop(w, state, first, active, stop_ids, cfg: ModelConfig, n_steps: int, kv_len: int,
-                impl: str = "xla", top_n: int = 0, sampling: tuple[bool, bool] | None = None,
-                chunk: int | None = None):
+@partial(
+    jax.jit,
+    static_argnames=("cfg", "n_steps", "kv_len", "impl", "top_n", "sampling", "chunk"),
+    donate_argnames=("state",),
+)
+def decode_loop(
+    w,
+    state,
+    first,
+    active,
+    stop_ids,
+    cfg: ModelConfig,
+    n_steps: int,
+    kv_len: int,
+    impl: str = "xla",
+    top_n: int = 0,
+    sampling: tuple[bool, bool] | None = None,
+    chunk: int | None = None,
+):
     """Up to `n_steps` decode steps on the device; stops early once every row is done.
 
     first: the prefill's output dict; stop_ids [K] int32 (-1 padded). Returns (state, tokens [B, n_steps+1],
@@ -453,8 +522,10 @@ def decode_loop(w, state, first, active, stop_ids, cfg: ModelConfig, n_steps: in
     lps = jnp.zeros((b, width), jnp.float32).at[:, 0].set(first["logprob"])
     tops = None
     if top_n:
-        tops = (jnp.zeros((b, width, top_n), jnp.float32).at[:, 0].set(first["top_logprobs"]),
-                jnp.zeros((b, width, top_n), jnp.int32).at[:, 0].set(first["top_ids"]))
+        tops = (
+            jnp.zeros((b, width, top_n), jnp.float32).at[:, 0].set(first["top_logprobs"]),
+            jnp.zeros((b, width, top_n), jnp.int32).at[:, 0].set(first["top_ids"]),
+        )
     done = ~active | jnp.isin(first["tok"], stop_ids)
 
     def step(carry, _):
@@ -500,8 +571,17 @@ def resolve_decode_impl(impl: str) -> str:
 class Runner:
     """Owns the device state of B slots × T positions and the compiled steps."""
 
-    def __init__(self, params: dict, cfg: ModelConfig, max_batch: int, max_seq_len: int, dtype=None,
-                 attn_impl: str = "auto", cache_dtype=None, min_kv_bucket: int = MIN_BUCKET):
+    def __init__(
+        self,
+        params: dict,
+        cfg: ModelConfig,
+        max_batch: int,
+        max_seq_len: int,
+        dtype=None,
+        attn_impl: str = "auto",
+        cache_dtype=None,
+        min_kv_bucket: int = MIN_BUCKET,
+    ):
         self.cfg = cfg
         self.min_kv_bucket = min_kv_bucket
         self.w = prepare_params(params, cfg, dtype)
@@ -517,8 +597,14 @@ class Runner:
         self.state = init_state(self.cfg, self.max_batch, self.max_seq_len, self.cache_dtype)
         self.pos[:] = 0
 
-    def prefill(self, slots: list[int], prompts: list[list[int]], samp_rows: list[dict], top_n: int = 0,
-                bucket: int | None = None) -> dict:
+    def prefill(
+        self,
+        slots: list[int],
+        prompts: list[list[int]],
+        samp_rows: list[dict],
+        top_n: int = 0,
+        bucket: int | None = None,
+    ) -> dict:
         n = len(prompts)
         lens = [len(p) for p in prompts]
         if min(lens) < 1 or max(lens) > self.max_seq_len:
@@ -526,10 +612,18 @@ class Runner:
         s = bucket or next_bucket(max(lens), self.max_seq_len)
         tokens = np.zeros((n, s), np.int32)
         for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = p
-        self.state, out = prefill_step(self.w, self.state, tokens, np.asarray(lens, np.int32),
-                                       np.asarray(slots, np.int32), _samp_arrays(samp_rows), cfg=self.cfg,
-                                       impl=self.attn_impl, top_n=top_n)
+            tokens[i, : len(p)] = p
+        self.state, out = prefill_step(
+            self.w,
+            self.state,
+            tokens,
+            np.asarray(lens, np.int32),
+            np.asarray(slots, np.int32),
+            _samp_arrays(samp_rows),
+            cfg=self.cfg,
+            impl=self.attn_impl,
+            top_n=top_n,
+        )
         self.pos[np.asarray(slots)] = lens
         return out
 
@@ -540,8 +634,16 @@ class Runner:
     def step(self, active: np.ndarray, top_n: int = 0, n_steps: int = 1) -> dict:
         """`n_steps` decode steps (async: returns device arrays stacked [n_steps, B, ...])."""
         kv_len = self.kv_len_for(active, n_steps)
-        self.state, out = decode_steps(self.w, self.state, jnp.asarray(active), cfg=self.cfg, kv_len=kv_len,
-                                       impl=self.attn_impl, top_n=top_n, n_steps=n_steps)
+        self.state, out = decode_steps(
+            self.w,
+            self.state,
+            jnp.asarray(active),
+            cfg=self.cfg,
+            kv_len=kv_len,
+            impl=self.attn_impl,
+            top_n=top_n,
+            n_steps=n_steps,
+        )
         self.pos[active] += n_steps
         return out
 
@@ -571,11 +673,29 @@ def _eos_list(eos_id) -> list[int]:
     return [int(eos_id)]
 
 
-def generate(params, cfg: ModelConfig, prompt_ids: list[list[int]], max_new_tokens: int = 32,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
-             eos_id=None, *, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
-             frequency_penalty: float = 0.0, stop_token_ids=None, stop_strings=None, tokenizer=None,
-             dtype=None, attn_impl: str = "auto", return_logprobs: bool = False, max_seq_len: int | None = None):
+def generate(
+    params,
+    cfg: ModelConfig,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    seed: int = 0,
+    eos_id=None,
+    *,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    stop_token_ids=None,
+    stop_strings=None,
+    tokenizer=None,
+    dtype=None,
+    attn_impl: str = "auto",
+    return_logprobs: bool = False,
+    max_seq_len: int | None = None,
+):
     """Generate for a batch of prompts; returns the new tokens of each (stop token excluded).
 
     The decode loop runs on the device. Row i samples with seed `seed + i`, so rows of a
@@ -585,9 +705,17 @@ def generate(params, cfg: ModelConfig, prompt_ids: list[list[int]], max_new_toke
     """
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
-    sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                        frequency_penalty=frequency_penalty, seed=seed)
+    sp = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        seed=seed,
+    )
     try:
         sp.validate()
     except ValueError as e:
@@ -605,9 +733,18 @@ def generate(params, cfg: ModelConfig, prompt_ids: list[list[int]], max_new_toke
     stop_arr = jnp.asarray(stops or [-1], jnp.int32)
     n_steps = max_new_tokens - 1
     kv_len = next_bucket(longest + max_new_tokens, t)
-    runner.state, toks, lps, _, _ = decode_loop(w, runner.state, first, jnp.ones((b,), jnp.bool_), stop_arr,
-                                                cfg=cfg, n_steps=n_steps, kv_len=kv_len,
-                                                impl=runner.attn_impl, sampling=sampling_mode(rows))
+    runner.state, toks, lps, _, _ = decode_loop(
+        w,
+        runner.state,
+        first,
+        jnp.ones((b,), jnp.bool_),
+        stop_arr,
+        cfg=cfg,
+        n_steps=n_steps,
+        kv_len=kv_len,
+        impl=runner.attn_impl,
+        sampling=sampling_mode(rows),
+    )
     toks, lps = np.asarray(toks), np.asarray(lps)
     out_t, out_l = [], []
     for i in range(b):
@@ -652,11 +789,11 @@ class TextStream:
         self.stopped = False
 
     def _decode_delta(self) -> str:
-        prefix = decode_text(self.tok, self.ids[self.prefix_offset:self.read_offset])
-        full = decode_text(self.tok, self.ids[self.prefix_offset:])
+        prefix = decode_text(self.tok, self.ids[self.prefix_offset : self.read_offset])
+        full = decode_text(self.tok, self.ids[self.prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return full[len(prefix):]
+            return full[len(prefix) :]
         return ""
 
     def add(self, token_id: int) -> str:
@@ -683,16 +820,16 @@ class TextStream:
     def flush(self) -> str:
         """At the end: whatever was held back (a partial stop string, or dangling bytes)."""
         if not self.stopped:
-            full = decode_text(self.tok, self.ids[self.prefix_offset:])
-            prefix = decode_text(self.tok, self.ids[self.prefix_offset:self.read_offset])
+            full = decode_text(self.tok, self.ids[self.prefix_offset :])
+            prefix = decode_text(self.tok, self.ids[self.prefix_offset : self.read_offset])
             if len(full) > len(prefix):
-                self.text += full[len(prefix):]
+                self.text += full[len(prefix) :]
                 self.prefix_offset = self.read_offset = len(self.ids)
         return self._emit(len(self.text))
 
     def _emit(self, upto: int) -> str:
         upto = max(upto, self.emitted)
-        delta = self.text[self.emitted:upto]
+        delta = self.text[self.emitted : upto]
         self.emitted = upto
         return delta
 
@@ -748,8 +885,12 @@ def add_sampling_args(p):
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="compute dtype (default: bfloat16 on GPU, float32 on CPU)",
+    )
 
 
 def default_dtype(name: str | None):
@@ -760,7 +901,6 @@ def default_dtype(name: str | None):
 
 def _cmd_generate(args):
     from smedjan.checkpoint import CheckpointError
-    from smedjan.cli import UserError
 
     try:
         folder, cfg, params, tok = load_model(args.model, dtype=default_dtype(args.dtype))
@@ -777,25 +917,39 @@ def _cmd_generate(args):
     if room < 1:
         raise UserError(f"the prompt has {len(ids)} tokens; the model's context is {cfg.max_position_embeddings}")
     try:
-        out = generate(params, cfg, [ids], max_new_tokens=min(args.max_new_tokens, room),
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                       repetition_penalty=args.repetition_penalty, seed=args.seed,
-                       eos_id=stop_ids_for(folder, cfg, tok), stop_strings=args.stop or None, tokenizer=tok)[0]
+        out = generate(
+            params,
+            cfg,
+            [ids],
+            max_new_tokens=min(args.max_new_tokens, room),
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+            eos_id=stop_ids_for(folder, cfg, tok),
+            stop_strings=args.stop or None,
+            tokenizer=tok,
+        )[0]
     except ValueError as e:
         raise UserError(str(e)) from None
     text = decode_text(tok, out)
     if args.stop:
         for s in args.stop:
             if s in text:
-                text = text[:text.index(s)]
+                text = text[: text.index(s)]
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
     return 0
 
 
 def register(subparsers):
-    p = subparsers.add_parser("generate", help="generate text from a checkpoint",
-                              description="Complete a prompt with a checkpoint folder (smedjan or Hugging Face).")
+    p = subparsers.add_parser(
+        "generate",
+        help="generate text from a checkpoint",
+        description="Complete a prompt with a checkpoint folder (smedjan or Hugging Face).",
+    )
     p.add_argument("model", help="checkpoint folder or hub repo id")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")

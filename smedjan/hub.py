@@ -7,6 +7,7 @@ from pathlib import Path
 
 from smedjan.checkpoint import CheckpointError, load_config
 from smedjan.config import human
+from smedjan.errors import UserError
 
 CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "hub_cards" / "model_card.md"
 
@@ -22,15 +23,39 @@ def render_model_card(folder: str | Path, repo_id: str, license: str = "apache-2
         training = "\n".join(f"- {k}: {v}" for k, v in info.items())
     rope = cfg.rope_type if cfg.rope_type != "default" else "plain"
     return CARD_TEMPLATE.read_text().format(
-        license=license, name=repo_id.split("/")[-1], repo_id=repo_id, model_type=cfg.model_type,
-        params=human(cfg.num_params()), rope=f"{rope}, theta {cfg.rope_theta:g}", training=training,
-        **{k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                        "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
-                                        "max_position_embeddings", "tie_word_embeddings")})
+        license=license,
+        name=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        model_type=cfg.model_type,
+        params=human(cfg.num_params()),
+        rope=f"{rope}, theta {cfg.rope_theta:g}",
+        training=training,
+        **{
+            k: getattr(cfg, k)
+            for k in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "intermediate_size",
+                "vocab_size",
+                "max_position_embeddings",
+                "tie_word_embeddings",
+            )
+        },
+    )
 
 
-def push(folder: str | Path, repo_id: str, *, private: bool = False, license: str = "apache-2.0",
-         token: str | None = None, api=None) -> str:
+def push(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    license: str = "apache-2.0",
+    token: str | None = None,
+    api=None,
+) -> str:
     """Create the repo if needed and upload the folder with a generated model card; returns the commit URL."""
     from huggingface_hub import HfApi
 
@@ -43,22 +68,29 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, license: st
     card = folder / "README.md"
     if not card.exists():
         card.write_text(render_model_card(folder, repo_id, license))
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                             commit_message="Upload model trained with smedjan",
-                             ignore_patterns=["*.tmp-save*", "*.old-save*"])
+    info = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        repo_type="model",
+        commit_message="Upload model trained with smedjan",
+        ignore_patterns=["*.tmp-save*", "*.old-save*"],
+    )
     return str(info)
 
 
 def pull(repo_id: str, output: str | Path | None = None, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
-    path = snapshot_download(repo_id, revision=revision, local_dir=output,
-                             allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "README.md"])
+    path = snapshot_download(
+        repo_id,
+        revision=revision,
+        local_dir=output,
+        allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "README.md"],
+    )
     return Path(path)
 
 
 def register(sub) -> None:
-    from smedjan.cli import UserError
 
     def run_push(args):
         try:

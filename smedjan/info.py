@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from smedjan.config import ConfigError, human, memory_report, resolve_config
+from smedjan.errors import UserError
 
 
 def add_model_args(p) -> None:
@@ -19,9 +20,15 @@ def add_model_args(p) -> None:
 
 
 def model_overrides(args) -> dict:
-    names = {"dim": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
-             "kv_heads": "num_key_value_heads", "ffn_dim": "intermediate_size", "vocab_size": "vocab_size",
-             "max_seq_len": "max_position_embeddings"}
+    names = {
+        "dim": "hidden_size",
+        "layers": "num_hidden_layers",
+        "heads": "num_attention_heads",
+        "kv_heads": "num_key_value_heads",
+        "ffn_dim": "intermediate_size",
+        "vocab_size": "vocab_size",
+        "max_seq_len": "max_position_embeddings",
+    }
     out = {hf: getattr(args, a) for a, hf in names.items() if getattr(args, a, None) is not None}
     if "num_attention_heads" in out and "num_key_value_heads" not in out:
         out["num_key_value_heads"] = out["num_attention_heads"]  # --heads alone means plain multi-head
@@ -31,7 +38,6 @@ def model_overrides(args) -> dict:
 
 
 def run(args) -> int:
-    from smedjan.cli import UserError
 
     try:
         cfg = resolve_config(args.model, **model_overrides(args))
@@ -44,11 +50,15 @@ def run(args) -> int:
         return 0
     print(json.dumps(cfg.to_hf_dict(), indent=2))
     print(f"parameters: {n:,} ({human(n)})")
-    print(f"memory (fp32 master weights + AdamW): params {mem['params_gib']:.3f} GiB, "
-          f"grads {mem['grads_gib']:.3f} GiB, optimizer {mem['optimizer_gib']:.3f} GiB; "
-          f"bf16 inference weights {mem['bf16_inference_gib']:.3f} GiB")
-    print(f"training FLOPs/token at seq {cfg.max_position_embeddings}: "
-          f"{cfg.flops_per_token(cfg.max_position_embeddings):.3e}")
+    print(
+        f"memory (fp32 master weights + AdamW): params {mem['params_gib']:.3f} GiB, "
+        f"grads {mem['grads_gib']:.3f} GiB, optimizer {mem['optimizer_gib']:.3f} GiB; "
+        f"bf16 inference weights {mem['bf16_inference_gib']:.3f} GiB"
+    )
+    print(
+        f"training FLOPs/token at seq {cfg.max_position_embeddings}: "
+        f"{cfg.flops_per_token(cfg.max_position_embeddings):.3e}"
+    )
     return 0
 
 

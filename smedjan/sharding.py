@@ -42,15 +42,15 @@ BATCH_AXES = ("data", "fsdp")
 
 # (regex on the HF name, which non-layer dim is split over `tensor`; None = no tensor split).
 PARTITION_RULES: list[tuple[str, int | None]] = [
-    (r"^model\.embed_tokens\.weight$", 0),                 # [V, D]: vocab-parallel
-    (r"^lm_head\.weight$", 0),                             # [V, D]: vocab-parallel
-    (r"self_attn\.[qkv]_proj\.weight$", 0),               # [out=heads*hd, D]: column-parallel
+    (r"^model\.embed_tokens\.weight$", 0),  # [V, D]: vocab-parallel
+    (r"^lm_head\.weight$", 0),  # [V, D]: vocab-parallel
+    (r"self_attn\.[qkv]_proj\.weight$", 0),  # [out=heads*hd, D]: column-parallel
     (r"self_attn\.[qkv]_proj\.bias$", 0),
-    (r"self_attn\.o_proj\.weight$", 1),                    # [D, heads*hd]: row-parallel
+    (r"self_attn\.o_proj\.weight$", 1),  # [D, heads*hd]: row-parallel
     (r"self_attn\.o_proj\.bias$", None),
-    (r"mlp\.(gate|up)_proj\.weight$", 0),                  # [F, D]: column-parallel
-    (r"mlp\.down_proj\.weight$", 1),                       # [D, F]: row-parallel
-    (r"norm\.weight$", None),                              # every RMSNorm scale: replicated
+    (r"mlp\.(gate|up)_proj\.weight$", 0),  # [F, D]: column-parallel
+    (r"mlp\.down_proj\.weight$", 1),  # [D, F]: row-parallel
+    (r"norm\.weight$", None),  # every RMSNorm scale: replicated
 ]
 
 
@@ -60,7 +60,7 @@ class ShardingError(ValueError):
 
 # ---- meshes ----------------------------------------------------------------------------------------
 def parse_mesh_spec(spec: str | dict | None, n_devices: int) -> dict[str, int]:
-    """"data=2,fsdp=4" -> {"data": 2, "fsdp": 4, "tensor": 1}; default all devices on data."""
+    """ "data=2,fsdp=4" -> {"data": 2, "fsdp": 4, "tensor": 1}; default all devices on data."""
     if spec is None or spec == "" or spec == {}:
         return {"data": n_devices, "fsdp": 1, "tensor": 1}
     if isinstance(spec, str):
@@ -90,8 +90,7 @@ def parse_mesh_spec(spec: str | dict | None, n_devices: int) -> dict[str, int]:
             raise ShardingError(f"--mesh: {n_devices} devices do not divide by {fixed}")
         sizes[free[0]] = n_devices // fixed
     if int(np.prod(list(sizes.values()))) != n_devices:
-        raise ShardingError(f"--mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, "
-                            f"there are {n_devices}")
+        raise ShardingError(f"--mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, there are {n_devices}")
     return sizes
 
 
@@ -122,8 +121,11 @@ def initialize_distributed() -> None:
     """`jax.distributed.initialize()` from JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID if set."""
     addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if addr:
-        kwargs = dict(coordinator_address=addr, num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                      process_id=int(os.environ["JAX_PROCESS_ID"]))
+        kwargs = dict(
+            coordinator_address=addr,
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
         if os.environ.get("JAX_LOCAL_DEVICE_IDS"):
             kwargs["local_device_ids"] = [int(i) for i in os.environ["JAX_LOCAL_DEVICE_IDS"].split(",")]
         jax.distributed.initialize(**kwargs)

@@ -16,8 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
+
+from smedjan.errors import UserError
+from smedjan.text import DataError, count_input_bytes, expand_inputs, iter_documents
 
 PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -74,7 +77,7 @@ class Tokenizer:
         self._compiled_template = None
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike) -> "Tokenizer":
+    def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
         from tokenizers import Tokenizer as TK
 
         path = Path(path)
@@ -129,9 +132,13 @@ class Tokenizer:
         if self._compiled_template is None:
             self._compiled_template = _compile_template(template)
         return self._compiled_template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-            pad_token=self.pad_token or "", **kwargs)
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            pad_token=self.pad_token or "",
+            **kwargs,
+        )
 
 
 def _token_str(tok) -> str | None:
@@ -164,20 +171,27 @@ def _compile_template(source: str):
 
 
 # ---- training a tokenizer --------------------------------------------------------------------------
-def train_tokenizer(inputs: list[str], output: str | os.PathLike, vocab_size: int = 8192, *,
-                    text_field: str = "text", min_frequency: int = 2, split: str = "auto",
-                    progress: bool = True) -> Path:
+def train_tokenizer(
+    inputs: list[str],
+    output: str | os.PathLike,
+    vocab_size: int = 8192,
+    *,
+    text_field: str = "text",
+    min_frequency: int = 2,
+    split: str = "auto",
+    progress: bool = True,
+) -> Path:
     """Train byte-level BPE on text/jsonl(.gz) inputs and write a HF tokenizer folder."""
     from tokenizers import Tokenizer as TK
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-    from smedjan.data import count_input_bytes, expand_inputs, iter_documents
-
     paths = expand_inputs(inputs)
     minimum = BYTE_ALPHABET + len(SPECIAL_TOKENS)
     if vocab_size < minimum:
-        raise TokenizerError(f"--vocab-size {vocab_size} is below the byte alphabet plus special tokens "
-                             f"({BYTE_ALPHABET} + {len(SPECIAL_TOKENS)} = {minimum})")
+        raise TokenizerError(
+            f"--vocab-size {vocab_size} is below the byte alphabet plus special tokens "
+            f"({BYTE_ALPHABET} + {len(SPECIAL_TOKENS)} = {minimum})"
+        )
 
     total = count_input_bytes(paths)
     bar = _progress(total, "reading", progress)
@@ -201,15 +215,21 @@ def train_tokenizer(inputs: list[str], output: str | os.PathLike, vocab_size: in
     tk = TK(models.BPE(unk_token=None, byte_fallback=False))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=progress,
+    )
     tk.train_from_iterator(batches(), trainer=trainer)
     bar.close()
     if n_docs == 0:
         raise TokenizerError(f"no text found in {', '.join(map(str, paths))}")
     bos_id = tk.token_to_id(BOS)
     tk.post_processor = processors.TemplateProcessing(
-        single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)])
+        single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)]
+    )
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -232,7 +252,8 @@ def write_tokenizer_config(folder: Path, model_max_length: int | None = None) ->
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "special_tokens_map.json").write_text(
-        json.dumps({**special, "additional_special_tokens": [IM_START, IM_END]}, indent=2) + "\n")
+        json.dumps({**special, "additional_special_tokens": [IM_START, IM_END]}, indent=2) + "\n"
+    )
     (folder / "chat_template.jinja").write_text(DEFAULT_CHAT_TEMPLATE)
 
 
@@ -244,12 +265,16 @@ def _progress(total: int, desc: str, enabled: bool):
 
 # ---- CLI ---------------------------------------------------------------------------------------------
 def run(args) -> int:
-    from smedjan.cli import UserError
-    from smedjan.data import DataError
 
     try:
-        out = train_tokenizer(args.input, args.output, args.vocab_size, text_field=args.text_field,
-                              min_frequency=args.min_frequency, split=args.split)
+        out = train_tokenizer(
+            args.input,
+            args.output,
+            args.vocab_size,
+            text_field=args.text_field,
+            min_frequency=args.min_frequency,
+            split=args.split,
+        )
     except (TokenizerError, DataError) as e:
         raise UserError(str(e)) from None
     tok = Tokenizer.from_dir(out)
@@ -264,6 +289,10 @@ def register(sub) -> None:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
     p.add_argument("--min-frequency", type=int, default=2)
-    p.add_argument("--split", choices=["auto", "line", "blank", "file"], default="auto",
-                   help="document boundaries in .txt: lines, blank lines, whole file (auto: blank lines if any)")
+    p.add_argument(
+        "--split",
+        choices=["auto", "line", "blank", "file"],
+        default="auto",
+        help="document boundaries in .txt: lines, blank lines, whole file (auto: blank lines if any)",
+    )
     p.set_defaults(func=run)

@@ -18,8 +18,15 @@ ON_GPU = jax.default_backend() == "gpu"
 
 
 def small_cfg(**kw):
-    base = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=128)
+    base = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return ModelConfig(**{**base, **kw})
 
 
@@ -55,7 +62,7 @@ def test_pallas_decode_matches_xla():
         steps = [logits]
         for t in range(16, 24):
             pos = jnp.full((2, 1), t, jnp.int32)
-            logits, cache = forward(params, tokens[:, t:t + 1], cfg, positions=pos, cache=cache, attn_impl=impl)
+            logits, cache = forward(params, tokens[:, t : t + 1], cfg, positions=pos, cache=cache, attn_impl=impl)
             steps.append(logits)
         outs[impl] = jnp.concatenate(steps, axis=1)
     assert rel(outs["pallas"], outs["xla"]) < 1e-4
@@ -81,8 +88,15 @@ def markov_batches(vocab, n, batch, seq, seed=0):
 def test_training_curve_matches_xla_on_gpu(impl):
     from smedjan.train.step import OptimConfig, init_train_state, make_optimizer, make_train_step
 
-    cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    cfg = ModelConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
     data = markov_batches(cfg.vocab_size, 40, 8, 512)
     curves = {}
     for name in ("xla", impl):

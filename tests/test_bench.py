@@ -14,8 +14,24 @@ import pytest
 from smedjan.bench import format_table
 from smedjan.cli import main
 
-FAST = ["--size", "tiny", "--layers", "2", "--batch", "2", "--seq-len", "16", "--iters", "2", "--repeats", "2",
-        "--warmup", "1", "--decode-tokens", "4"]
+FAST = [
+    "--size",
+    "tiny",
+    "--layers",
+    "2",
+    "--batch",
+    "2",
+    "--seq-len",
+    "16",
+    "--iters",
+    "2",
+    "--repeats",
+    "2",
+    "--warmup",
+    "1",
+    "--decode-tokens",
+    "4",
+]
 
 
 def _has_trainer() -> bool:
@@ -47,8 +63,21 @@ def test_bench_table(capsys, bench_json):
 
 def test_bench_json(bench_json):
     out = bench_json
-    for key in ("model", "config", "num_params", "batch", "seq_len", "attn", "remat", "dtype", "backend", "device",
-                "peak_flops", "flop_formula", "results"):
+    for key in (
+        "model",
+        "config",
+        "num_params",
+        "batch",
+        "seq_len",
+        "attn",
+        "remat",
+        "dtype",
+        "backend",
+        "device",
+        "peak_flops",
+        "flop_formula",
+        "results",
+    ):
         assert key in out
     assert out["model"] == "tiny" and out["batch"] == 2 and out["seq_len"] == 16
     assert set(out["results"]) == {"forward", "decode", "train"}
@@ -73,11 +102,12 @@ def test_bench_errors():
     assert main(["bench", *FAST, "--grad-accum", "3"]) == 1
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None,
-                    reason="torch/transformers not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None,
+    reason="torch/transformers not installed",
+)
 def test_bench_peer_torch_eager(capsys):
-    assert main(["bench", *FAST, "--columns", "forward", "--peer", "torch", "--peer-modes", "eager",
-                 "--json"]) == 0
+    assert main(["bench", *FAST, "--columns", "forward", "--peer", "torch", "--peer-modes", "eager", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert list(out["results"]) == ["forward"]
     peer = out["peer"]

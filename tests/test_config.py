@@ -42,15 +42,18 @@ def test_architecture_switches():
     assert mi.sliding_window == 5
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("model_type", "gpt2", "model_type 'gpt2' is not supported"),
-    ("some_new_knob", 3, "unsupported config field 'some_new_knob'"),
-    ("hidden_act", "gelu", "hidden_act"),
-    ("mlp_bias", True, "mlp_bias"),
-    ("rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4}, "longrope"),
-    ("num_key_value_heads", 3, "multiple of"),
-    ("quantization_config", {"quant_method": "gptq"}, "quantization_config"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("model_type", "gpt2", "model_type 'gpt2' is not supported"),
+        ("some_new_knob", 3, "unsupported config field 'some_new_knob'"),
+        ("hidden_act", "gelu", "hidden_act"),
+        ("mlp_bias", True, "mlp_bias"),
+        ("rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4}, "longrope"),
+        ("num_key_value_heads", 3, "multiple of"),
+        ("quantization_config", {"quant_method": "gptq"}, "quantization_config"),
+    ],
+)
 def test_unsupported_fields_are_named(field, value, match):
     d = hf_config("llama").to_dict()
     d[field] = value
@@ -65,8 +68,19 @@ def test_mixed_sliding_layers_rejected():
         ModelConfig.from_hf_dict(d)
 
 
-@pytest.mark.parametrize("name,approx", [("tiny", 2e6), ("small", 7.2e6), ("medium", 45e6), ("125m", 125e6),
-                                         ("350m", 350e6), ("1b", 1.0e9), ("3b", 3e9), ("6.5b", 6.5e9)])
+@pytest.mark.parametrize(
+    "name,approx",
+    [
+        ("tiny", 2e6),
+        ("small", 7.2e6),
+        ("medium", 45e6),
+        ("125m", 125e6),
+        ("350m", 350e6),
+        ("1b", 1.0e9),
+        ("3b", 3e9),
+        ("6.5b", 6.5e9),
+    ],
+)
 def test_presets_sizes(name, approx):
     n = preset(name).num_params()
     assert abs(n - approx) / approx < 0.1, (name, n)

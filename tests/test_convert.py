@@ -13,8 +13,9 @@ from smedjan.generate import generate
 from smedjan.model import logits_fn
 
 STORIES = SHARED_DATA / "models" / "stories260K"
-pytestmark = pytest.mark.skipif(not (STORIES / "stories260K.bin").is_file(),
-                                reason=f"{STORIES} not present (shared data)")
+pytestmark = pytest.mark.skipif(
+    not (STORIES / "stories260K.bin").is_file(), reason=f"{STORIES} not present (shared data)"
+)
 
 # llama2.c's README documents this greedy continuation from BOS for stories260K.
 EXPECTED = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."

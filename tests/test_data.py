@@ -29,8 +29,9 @@ def other_tok_dir(tmp_path_factory):
 
 
 def _paragraphs(n):
-    return [f"Speaker {i}:\nline one of speech {i}, with words.\nline two {'and more ' * (i % 5)}end."
-            for i in range(n)]
+    return [
+        f"Speaker {i}:\nline one of speech {i}, with words.\nline two {'and more ' * (i % 5)}end." for i in range(n)
+    ]
 
 
 def test_prepare_counts_header_and_val_split(tmp_path, tok_dir):
@@ -38,8 +39,24 @@ def test_prepare_counts_header_and_val_split(tmp_path, tok_dir):
     src = tmp_path / "corpus.txt"
     src.write_text("\n\n".join(docs) + "\n")
     out = tmp_path / "data"
-    assert main(["prepare", "--input", str(src), "--tokenizer", str(tok_dir), "--output", str(out),
-                 "--val-fraction", "0.1", "--batch-docs", "7"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--input",
+                str(src),
+                "--tokenizer",
+                str(tok_dir),
+                "--output",
+                str(out),
+                "--val-fraction",
+                "0.1",
+                "--batch-docs",
+                "7",
+            ]
+        )
+        == 0
+    )
     header = json.loads((out / "header.json").read_text())
     tok = Tokenizer.from_dir(tok_dir)
     assert header["tokenizer_sha256"] == tok.hash
@@ -64,7 +81,7 @@ def test_prepare_counts_header_and_val_split(tmp_path, tok_dir):
     assert train[0] == tok.bos_id and train[-1] == tok.eos_id
     assert int((train == tok.bos_id).sum()) == 36 == int((train == tok.eos_id).sum())
     # documents decode back to the text
-    first = train[1:np.argmax(train == tok.eos_id)]
+    first = train[1 : np.argmax(train == tok.eos_id)]
     assert tok.decode(first) == docs[0]
 
 
@@ -110,8 +127,22 @@ def test_errors_empty_too_few_docs_and_hash_mismatch(tmp_path, tok_dir, other_to
 
     two = tmp_path / "two.txt"
     two.write_text("one\ntwo\n")
-    assert main(["prepare", "--input", str(two), "--tokenizer", str(tok_dir), "--output", str(tmp_path / "y"),
-                 "--val-fraction", "0.1"]) == 1
+    assert (
+        main(
+            [
+                "prepare",
+                "--input",
+                str(two),
+                "--tokenizer",
+                str(tok_dir),
+                "--output",
+                str(tmp_path / "y"),
+                "--val-fraction",
+                "0.1",
+            ]
+        )
+        == 1
+    )
     assert "needs at least 10" in capsys.readouterr().err
 
     src = tmp_path / "c.txt"
@@ -121,8 +152,22 @@ def test_errors_empty_too_few_docs_and_hash_mismatch(tmp_path, tok_dir, other_to
         TokenDataset(tmp_path / "d").check_tokenizer(other_tok_dir)
     TokenDataset(tmp_path / "d").check_tokenizer(tok_dir)  # the right one passes
     # ... and the trainer refuses the mix with a one-line error
-    rc = main(["train", "--dataset", str(tmp_path / "d"), "--tokenizer", str(other_tok_dir), "--size", "tiny",
-               "--steps", "1", "--out", str(tmp_path / "run"), "--no-progress"])
+    rc = main(
+        [
+            "train",
+            "--dataset",
+            str(tmp_path / "d"),
+            "--tokenizer",
+            str(other_tok_dir),
+            "--size",
+            "tiny",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ]
+    )
     assert rc == 1
     err = capsys.readouterr().err
     assert "different tokenizer" in err and "Traceback" not in err
@@ -132,8 +177,10 @@ def test_errors_empty_too_few_docs_and_hash_mismatch(tmp_path, tok_dir, other_to
         TokenDataset(tmp_path / "d")
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "pretrain" / "headlines.txt").is_file(),
-                    reason="shared data (../shared/data/pretrain) not available")
+@pytest.mark.skipif(
+    not (SHARED_DATA / "pretrain" / "headlines.txt").is_file(),
+    reason="shared data (../shared/data/pretrain) not available",
+)
 def test_prepare_real_headlines(tmp_path, tok_dir):
     src = SHARED_DATA / "pretrain" / "headlines.txt"
     n_lines = sum(1 for line in open(src, encoding="utf-8") if line.strip())

@@ -20,8 +20,10 @@ TOKENIZER_TEXT = [
     "A quick brown fox jumps over the lazy dog near the river bank.",
 ] * 20
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def make_tokenizer_dir(folder, vocab_size: int = 300):
@@ -31,13 +33,18 @@ def make_tokenizer_dir(folder, vocab_size: int = 300):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(TOKENIZER_TEXT, trainer)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "<|im_end|>", "chat_template": CHAT_TEMPLATE}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "<|im_end|>", "chat_template": CHAT_TEMPLATE})
+    )
     return tok
 
 
@@ -48,9 +55,18 @@ def make_tiny_checkpoint(folder, seed: int = 0, **overrides):
 
     tokdir = folder.parent / (folder.name + "-tok")
     tok = make_tokenizer_dir(tokdir)
-    kw = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tok.token_to_id("<s>"),
-              eos_token_id=[tok.token_to_id("</s>"), tok.token_to_id("<|im_end|>")], tie_word_embeddings=True)
+    kw = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=[tok.token_to_id("</s>"), tok.token_to_id("<|im_end|>")],
+        tie_word_embeddings=True,
+    )
     kw.update(overrides)
     cfg = ModelConfig(**kw)
     params = init_params(cfg, jax.random.key(seed))
@@ -82,10 +98,17 @@ def test_greedy_matches_transformers(hf_llama):
     ours, our_lps = generate(params, cfg, prompts, max_new_tokens=32, return_logprobs=True)
     for p, o, lps in zip(prompts, ours, our_lps):
         with torch.no_grad():
-            ref = model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=32, min_new_tokens=32,
-                                 eos_token_id=None, pad_token_id=0, output_logits=True,
-                                 return_dict_in_generate=True)
-        ref_ids = ref.sequences[0, len(p):].tolist()
+            ref = model.generate(
+                torch.tensor([p]),
+                do_sample=False,
+                max_new_tokens=32,
+                min_new_tokens=32,
+                eos_token_id=None,
+                pad_token_id=0,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        ref_ids = ref.sequences[0, len(p) :].tolist()
         assert o == ref_ids
         ref_lps = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(ref.logits, ref_ids)]
         np.testing.assert_allclose(lps, ref_lps, atol=2e-4)
@@ -106,7 +129,7 @@ def test_sampling_controls(hf_llama):
     # Stop tokens end a row early; the stop token itself is not returned.
     stop = greedy[0][3]
     cut = generate(params, cfg, prompts, max_new_tokens=12, eos_id=stop)
-    assert cut[0] == greedy[0][:greedy[0].index(stop)]
+    assert cut[0] == greedy[0][: greedy[0].index(stop)]
 
 
 def test_top_k_top_p_restrict_support():
@@ -118,11 +141,18 @@ def test_top_k_top_p_restrict_support():
     seen_k, seen_p = set(), set()
     sample = jax.jit(_sample, static_argnums=5)
     probs = np.exp(np.asarray(jax.nn.log_softmax(logits[0])))
-    nucleus = set(order[:int(np.searchsorted(np.cumsum(probs[order]), 0.5)) + 1])
+    nucleus = set(order[: int(np.searchsorted(np.cumsum(probs[order]), 0.5)) + 1])
     for pos in range(200):
-        samp = {"temperature": jnp.ones(1), "top_k": jnp.asarray([3], jnp.int32), "top_p": jnp.ones(1),
-                "min_p": jnp.zeros(1), "repetition_penalty": jnp.ones(1), "presence_penalty": jnp.zeros(1),
-                "frequency_penalty": jnp.zeros(1), "seed": jnp.asarray([7], jnp.uint32)}
+        samp = {
+            "temperature": jnp.ones(1),
+            "top_k": jnp.asarray([3], jnp.int32),
+            "top_p": jnp.ones(1),
+            "min_p": jnp.zeros(1),
+            "repetition_penalty": jnp.ones(1),
+            "presence_penalty": jnp.zeros(1),
+            "frequency_penalty": jnp.zeros(1),
+            "seed": jnp.asarray([7], jnp.uint32),
+        }
         seen_k.add(int(sample(logits, samp, zeros, pm, jnp.asarray([pos]), 0)["tok"][0]))
         samp = dict(samp, top_k=jnp.zeros(1, jnp.int32), top_p=jnp.asarray([0.5]))
         seen_p.add(int(sample(logits, samp, zeros, pm, jnp.asarray([pos]), 0)["tok"][0]))
@@ -140,8 +170,7 @@ def test_repetition_penalty_matches_transformers():
     ref = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor(ids), torch.tensor(logits)).numpy()
     pm = np.zeros((2, 40), bool)
     pm[np.arange(2)[:, None], ids] = True
-    samp = {"repetition_penalty": jnp.full(2, 1.3), "presence_penalty": jnp.zeros(2),
-            "frequency_penalty": jnp.zeros(2)}
+    samp = {"repetition_penalty": jnp.full(2, 1.3), "presence_penalty": jnp.zeros(2), "frequency_penalty": jnp.zeros(2)}
     ours = _penalize(jnp.asarray(logits), samp, jnp.zeros((2, 40), jnp.int32), jnp.asarray(pm))
     np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-6)
 
@@ -173,8 +202,28 @@ def test_generate_cli(tmp_path, capsys):
     stops = [i for i in cfg.eos_token_id]
     want = generate(params, cfg, [tok.encode("Once upon a time", add_bos=True)], max_new_tokens=8, eos_id=stops)[0]
     assert printed == tok.decode(want, skip_special_tokens=True) + "\n"
-    assert main(["generate", str(folder), "--prompt", "Hi", "--max-new-tokens", "4", "--temperature", "0.9",
-                 "--top-k", "20", "--top-p", "0.9", "--seed", "3", "--chat"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(folder),
+                "--prompt",
+                "Hi",
+                "--max-new-tokens",
+                "4",
+                "--temperature",
+                "0.9",
+                "--top-k",
+                "20",
+                "--top-p",
+                "0.9",
+                "--seed",
+                "3",
+                "--chat",
+            ]
+        )
+        == 0
+    )
     assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 1
 
 
@@ -189,10 +238,13 @@ def test_decode_impl_auto_resolves_per_backend(monkeypatch):
     assert resolve_decode_impl("auto") == "pallas_fused"  # the H100-measured fastest
 
 
-@pytest.mark.parametrize("rows_kw", [
-    [dict(), dict()],  # all greedy: the loop is specialised to argmax
-    [dict(temperature=1.2, top_k=20), dict(repetition_penalty=1.3, presence_penalty=0.5)],
-])
+@pytest.mark.parametrize(
+    "rows_kw",
+    [
+        [dict(), dict()],  # all greedy: the loop is specialised to argmax
+        [dict(temperature=1.2, top_k=20), dict(repetition_penalty=1.3, presence_penalty=0.5)],
+    ],
+)
 def test_decode_loop_chunks_and_static_sampling_equal_one_step_at_a_time(hf_llama, rows_kw):
     """The chunked early-exit loop, specialised to the rows' sampling, gives exactly what one step
     at a time with on-device sampling decisions gives: tokens, logprobs, steps, final positions."""
@@ -207,8 +259,18 @@ def test_decode_loop_chunks_and_static_sampling_equal_one_step_at_a_time(hf_llam
         runner = gen.Runner(params, cfg, 2, 64, attn_impl="xla")
         first = runner.prefill([0, 1], prompts, rows)
         state, toks, lps, _, steps = gen.decode_loop(
-            runner.w, runner.state, first, jnp.ones((2,), jnp.bool_), jnp.asarray(stop_ids, jnp.int32), cfg=cfg,
-            n_steps=n_steps, kv_len=64, impl="xla", sampling=sampling, chunk=chunk)
+            runner.w,
+            runner.state,
+            first,
+            jnp.ones((2,), jnp.bool_),
+            jnp.asarray(stop_ids, jnp.int32),
+            cfg=cfg,
+            n_steps=n_steps,
+            kv_len=64,
+            impl="xla",
+            sampling=sampling,
+            chunk=chunk,
+        )
         return np.asarray(toks), np.asarray(lps), int(steps), np.asarray(state["pos"])
 
     ref = run(1, None, [-1])

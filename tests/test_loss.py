@@ -12,12 +12,20 @@ from smedjan.train.loss import _logsumexp_rows, chunked_cross_entropy, naive_cro
 def test_one_pass_logsumexp_matches_jax(monkeypatch):
     monkeypatch.setattr(loss, "ONE_PASS_LSE", True)
     x = 40.0 * jax.random.normal(jax.random.key(0), (7, 1003))
-    x = (x.at[1].set(-jnp.inf)              # a row of -inf: -inf, not nan
-          .at[2, :900].set(-jnp.inf)        # mostly -inf
-          .at[3, 5].set(jnp.inf)            # +inf wins
-          .at[4, 17].set(jnp.nan)           # nan propagates
-          .at[5].set(0.0)                   # all equal: log V
-          .at[6].add(1e4))                  # far from zero
+    x = (
+        x.at[1]
+        .set(-jnp.inf)  # a row of -inf: -inf, not nan
+        .at[2, :900]
+        .set(-jnp.inf)  # mostly -inf
+        .at[3, 5]
+        .set(jnp.inf)  # +inf wins
+        .at[4, 17]
+        .set(jnp.nan)  # nan propagates
+        .at[5]
+        .set(0.0)  # all equal: log V
+        .at[6]
+        .add(1e4)
+    )  # far from zero
     got = np.asarray(jax.jit(_logsumexp_rows)(x))
     want = np.asarray(jax.nn.logsumexp(x, axis=-1))
     np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -42,6 +50,7 @@ def test_padding_and_ignored_targets_equal_naive(monkeypatch, chunk, one_pass):
         def f(h, w):
             s, n = fn(h, w, targets)
             return s / n
+
         return f
 
     chunked = mean(lambda h, w, t: chunked_cross_entropy(h, w, t, chunk_size=chunk))

@@ -59,8 +59,10 @@ def test_smedjan_to_hf(tmp_path, arch):
     hf_cfg = build_hf_model(arch).config.to_dict()
     cfg = ModelConfig.from_hf_dict(hf_cfg)
     params = init_params(cfg, jax.random.key(11))
-    params = {k: v + 0.05 * jax.random.normal(jax.random.key(i), v.shape) if k.endswith(("norm.weight", "bias"))
-              else v for i, (k, v) in enumerate(params.items())}
+    params = {
+        k: v + 0.05 * jax.random.normal(jax.random.key(i), v.shape) if k.endswith(("norm.weight", "bias")) else v
+        for i, (k, v) in enumerate(params.items())
+    }
     save_hf(tmp_path, cfg, params, dtype=jnp.float32)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
     assert type(model).__name__ == json.loads((tmp_path / "config.json").read_text())["architectures"][0]
@@ -101,7 +103,7 @@ def test_kv_cache_matches_full_forward():
     steps = [np.asarray(logits)]
     for t in range(12, 20):
         pos = jnp.full((2, 1), t, jnp.int32)
-        logits, cache = forward(params, tokens[:, t:t + 1], cfg, positions=pos, cache=cache)
+        logits, cache = forward(params, tokens[:, t : t + 1], cfg, positions=pos, cache=cache)
         steps.append(np.asarray(logits))
     assert rel_err(np.concatenate(steps, axis=1), full) < 1e-5
 
@@ -115,7 +117,8 @@ def test_greedy_generation_matches_transformers(tmp_path, arch):
     cfg, params = load_hf(tmp_path)
     prompt = random_tokens(4, 1, 6)
     with torch.no_grad():
-        ref = model.generate(torch.as_tensor(prompt), max_new_tokens=32, do_sample=False, min_new_tokens=32,
-                             pad_token_id=0)[0, 6:].tolist()
+        ref = model.generate(
+            torch.as_tensor(prompt), max_new_tokens=32, do_sample=False, min_new_tokens=32, pad_token_id=0
+        )[0, 6:].tolist()
     out = generate(params, cfg, prompt.tolist(), max_new_tokens=32, temperature=0.0)[0]
     assert out == ref

@@ -49,8 +49,16 @@ def server(checkpoint):
     cfg, params = load_hf(checkpoint)
     tok = load_tokenizer(checkpoint)
     # One kv bucket (min_kv_bucket = max_seq_len): batched and sequential runs use the same kernels.
-    engine = Engine(params, cfg, tok, max_batch=8, max_seq_len=MAX_SEQ, max_queue=64,
-                    stop_token_ids=stop_ids_for(checkpoint, cfg, tok), min_kv_bucket=MAX_SEQ).start()
+    engine = Engine(
+        params,
+        cfg,
+        tok,
+        max_batch=8,
+        max_seq_len=MAX_SEQ,
+        max_queue=64,
+        stop_token_ids=stop_ids_for(checkpoint, cfg, tok),
+        min_kv_bucket=MAX_SEQ,
+    ).start()
     app = create_app(engine, tok, MODEL, api_key=API_KEY)
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -86,8 +94,7 @@ def test_models_and_health(server, client):
 
 
 def test_completions(server, client):
-    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0,
-              extra_body={"ignore_eos": True})
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
     full = client.completions.create(**kw)
     choice = full.choices[0]
     assert choice.finish_reason == "length"
@@ -98,8 +105,15 @@ def test_completions(server, client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 8
     # logprobs and several prompts / n in one request
-    lp = client.completions.create(model=MODEL, prompt=["Hello", "The smith"], n=2, max_tokens=4, temperature=0,
-                                   logprobs=2, extra_body={"ignore_eos": True})
+    lp = client.completions.create(
+        model=MODEL,
+        prompt=["Hello", "The smith"],
+        n=2,
+        max_tokens=4,
+        temperature=0,
+        logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
     assert len(lp.choices) == 4 and lp.choices[0].text == lp.choices[1].text
     assert len(lp.choices[0].logprobs.token_logprobs) == 4
     assert all(v <= 0 for v in lp.choices[0].logprobs.token_logprobs)
@@ -107,31 +121,48 @@ def test_completions(server, client):
 
 def test_chat(server, client):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello, how are you?"}]
-    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
-                                          logprobs=True, top_logprobs=3)
+    full = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=10, temperature=0, logprobs=True, top_logprobs=3
+    )
     msg = full.choices[0].message
     assert msg.role == "assistant" and full.choices[0].finish_reason in ("stop", "length")
     assert len(full.choices[0].logprobs.content[0].top_logprobs) == 3
-    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == msg.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
     assert chunks[-1].usage.total_tokens == full.usage.total_tokens
     # Sampled, seeded requests are reproducible.
-    kw = dict(model=MODEL, messages=messages, max_tokens=10, temperature=1.0, top_p=0.9, seed=11,
-              extra_body={"top_k": 50, "ignore_eos": True})
-    assert (client.chat.completions.create(**kw).choices[0].message.content
-            == client.chat.completions.create(**kw).choices[0].message.content)
+    kw = dict(
+        model=MODEL,
+        messages=messages,
+        max_tokens=10,
+        temperature=1.0,
+        top_p=0.9,
+        seed=11,
+        extra_body={"top_k": 50, "ignore_eos": True},
+    )
+    assert (
+        client.chat.completions.create(**kw).choices[0].message.content
+        == client.chat.completions.create(**kw).choices[0].message.content
+    )
 
 
 def test_32_concurrent_requests_match_sequential(server, client):
     prompts = [f"Story {i}: the robot {'and the fox ' * (i % 5)}went" for i in range(32)]
 
     def run(p):
-        r = client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0,
-                                      extra_body={"ignore_eos": True})
+        r = client.completions.create(
+            model=MODEL, prompt=p, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+        )
         return r.choices[0].text, r.choices[0].finish_reason
 
     sequential = [run(p) for p in prompts]
@@ -153,8 +184,14 @@ def test_disconnect_mid_stream_frees_slot(server, monkeypatch):
         return step(active, top_n=top_n, n_steps=n_steps)
 
     monkeypatch.setattr(engine.runner, "step", slow_step)
-    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 50, "stream": True, "ignore_eos": True,
-            "temperature": 0}
+    body = {
+        "model": MODEL,
+        "prompt": "Once upon a time",
+        "max_tokens": 50,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
     headers = {"Authorization": f"Bearer {API_KEY}"}
     before = engine.tokens_generated
     with httpx.Client(timeout=30) as h:
@@ -245,10 +282,25 @@ def test_queue_full_is_429(checkpoint):
 def test_chat_cli_with_piped_stdin(checkpoint):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "smedjan.cli", "chat", str(checkpoint), "--max-new-tokens", "6",
-         "--temperature", "0", "--max-seq-len", "128"],
-        input="Hello there!\nHow are you?\n/exit\nnever read\n", capture_output=True, text=True, timeout=240,
-        env=env)
+        [
+            sys.executable,
+            "-m",
+            "smedjan.cli",
+            "chat",
+            str(checkpoint),
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0",
+            "--max-seq-len",
+            "128",
+        ],
+        input="Hello there!\nHow are you?\n/exit\nnever read\n",
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("assistant: ") == 2
 
@@ -260,11 +312,18 @@ def test_decode_chunks_equal_single_steps(checkpoint):
     prompts = [[1, 5, 9, 2], [3, 3, 7], [11, 4, 6, 8, 10], [2]]
 
     def run(chunk, stop_for=None):
-        with Engine(params, cfg, None, max_batch=4, max_seq_len=MAX_SEQ, min_kv_bucket=MAX_SEQ,
-                    decode_chunk=chunk) as engine:
-            reqs = [engine.submit(p, SamplingParams(max_new_tokens=n, ignore_eos=True,
-                                                    stop_token_ids=[] if stop_for is None else [stop_for[i]]))
-                    for i, (p, n) in enumerate(zip(prompts, [1, 3, 9, 17]))]
+        with Engine(
+            params, cfg, None, max_batch=4, max_seq_len=MAX_SEQ, min_kv_bucket=MAX_SEQ, decode_chunk=chunk
+        ) as engine:
+            reqs = [
+                engine.submit(
+                    p,
+                    SamplingParams(
+                        max_new_tokens=n, ignore_eos=True, stop_token_ids=[] if stop_for is None else [stop_for[i]]
+                    ),
+                )
+                for i, (p, n) in enumerate(zip(prompts, [1, 3, 9, 17]))
+            ]
             out = [r.result() for r in reqs]
             assert engine.num_active == 0
         return [(ids, reason) for ids, _, reason in out]

@@ -23,8 +23,14 @@ def test_parse_mesh_spec():
     assert parse_mesh_spec("data=2,fsdp=4", 8) == {"data": 2, "fsdp": 4, "tensor": 1}
     assert parse_mesh_spec("fsdp=-1,tensor=2", 8) == {"data": 1, "fsdp": 4, "tensor": 2}
     assert parse_mesh_spec({"tensor": 1}, 1) == {"data": 1, "fsdp": 1, "tensor": 1}
-    for bad, msg in [("data=3", "needs 3 devices"), ("pipe=2", "unknown axis"), ("data", "axis=size"),
-                     ("data=-1,fsdp=-1", "at most one"), ("data=x", "integer"), ("data=0", "positive")]:
+    for bad, msg in [
+        ("data=3", "needs 3 devices"),
+        ("pipe=2", "unknown axis"),
+        ("data", "axis=size"),
+        ("data=-1,fsdp=-1", "at most one"),
+        ("data=x", "integer"),
+        ("data=0", "positive"),
+    ]:
         with pytest.raises(ShardingError, match=msg):
             parse_mesh_spec(bad, 8)
 
@@ -83,15 +89,18 @@ SCRIPT = textwrap.dedent(r"""
 
 
 def test_sharded_training_matches_single_device(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
     script = tmp_path / "shard_check.py"
     script.write_text(SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    res = json.loads(line[len("RESULT "):])
+    res = json.loads(line[len("RESULT ") :])
     single, sharded = res["single"], res["sharded"]
     assert single["losses"][-1] < single["losses"][0]  # it trains
     for a, b in zip(single["losses"], sharded["losses"]):
@@ -130,10 +139,9 @@ def test_cli_train_on_a_mesh_of_8_fake_devices(tmp_path):
         sys.exit(main(["train", "--corpus", {str(src)!r}, "--tokenizer-vocab", "300", "--size", "tiny",
                        "--dim", "32", "--layers", "1", "--heads", "2", "--ffn-dim", "64", "--steps", "3",
                        "--batch-size", "8", "--seq-len", "16", "--mesh", "data=2,fsdp=2,tensor=2",
-                       "--eval-batches", "1", "--no-progress", "--out", {str(tmp_path / 'run')!r}]))
+                       "--eval-batches", "1", "--no-progress", "--out", {str(tmp_path / "run")!r}]))
     """)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "'data': 2, 'fsdp': 2, 'tensor': 2" in proc.stderr
     assert (tmp_path / "run" / "hf" / "model.safetensors").is_file()
@@ -146,8 +154,12 @@ def test_chunked_loss_keeps_each_chunk_on_every_device():
     compiled gradient has one all-reduce (the lm_head's) and gathers no activations. Contiguous
     chunks of the flattened batch made XLA all-gather the hidden states and run the whole loss on
     every device."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
     code = textwrap.dedent("""
         import collections, json, jax, jax.numpy as jnp
         from jax.sharding import NamedSharding, PartitionSpec as P
@@ -164,11 +176,10 @@ def test_chunked_loss_keeps_each_chunk_on_every_device():
         print("RESULT " + json.dumps(collections.Counter(
             op for line in txt.splitlines() for op in ops if f" {op}(" in line or f" {op}-start(" in line)))
     """)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    assert json.loads(line[len("RESULT "):]) == {"all-reduce": 1}
+    assert json.loads(line[len("RESULT ") :]) == {"all-reduce": 1}
 
 
 def test_distributed_flag_initializes_from_env(tmp_path):
@@ -178,8 +189,13 @@ def test_distributed_flag_initializes_from_env(tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-               JAX_NUM_PROCESSES="1", JAX_PROCESS_ID="0")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+        JAX_NUM_PROCESSES="1",
+        JAX_PROCESS_ID="0",
+    )
     env.pop("XLA_FLAGS", None)
     src = tmp_path / "c.txt"
     src.write_text("\n".join(f"line {i}: the rain in spain" for i in range(300)))
@@ -189,7 +205,7 @@ def test_distributed_flag_initializes_from_env(tmp_path):
         rc = main(["train", "--corpus", {str(src)!r}, "--tokenizer-vocab", "300", "--size", "tiny", "--dim", "32",
                    "--layers", "1", "--heads", "2", "--ffn-dim", "64", "--steps", "2", "--batch-size", "4",
                    "--seq-len", "16", "--distributed", "--no-progress", "--eval-batches", "1",
-                   "--out", {str(tmp_path / 'run')!r}])
+                   "--out", {str(tmp_path / "run")!r}])
         try:  # private API: only checked where it exists
             from jax._src import distributed
             client = distributed.global_state.client
@@ -198,7 +214,6 @@ def test_distributed_flag_initializes_from_env(tmp_path):
         assert client is not None, "jax.distributed was not initialised"
         sys.exit(rc)
     """)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "run" / "hf" / "config.json").is_file()

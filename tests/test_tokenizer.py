@@ -72,8 +72,12 @@ def test_chat_template_renders_like_transformers(bundled_tok):
 
     hf = AutoTokenizer.from_pretrained(str(bundled_tok))
     ours = Tokenizer.from_dir(bundled_tok)
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Romeo?"},
-                {"role": "assistant", "content": "A Montague."}, {"role": "user", "content": "And Juliet?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Who is Romeo?"},
+        {"role": "assistant", "content": "A Montague."},
+        {"role": "user", "content": "And Juliet?"},
+    ]
     for gen in (True, False):
         ref = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
         got = ours.apply_chat_template(messages, add_generation_prompt=gen)
@@ -86,8 +90,10 @@ def test_chat_template_renders_like_transformers(bundled_tok):
     assert rendered.endswith("<|im_start|>assistant\n")
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "pretrain" / "headlines_combined.txt").is_file(),
-                    reason="shared data (../shared/data/pretrain) not available")
+@pytest.mark.skipif(
+    not (SHARED_DATA / "pretrain" / "headlines_combined.txt").is_file(),
+    reason="shared data (../shared/data/pretrain) not available",
+)
 def test_shared_headlines_tokenizer_matches_transformers(tmp_path):
     src = SHARED_DATA / "pretrain" / "headlines_combined.txt"
     rc = main(["tokenizer", "--input", str(src), "--vocab-size", "2048", "--output", str(tmp_path / "tok")])
@@ -102,8 +108,10 @@ def test_shared_headlines_tokenizer_matches_transformers(tmp_path):
 
 
 def test_jsonl_gz_inputs_with_text_field_and_globs(tmp_path):
-    docs = [{"body": f"Document number {i}: " + "the quick brown fox jumps over the lazy dog. " * 3, "id": i}
-            for i in range(50)]
+    docs = [
+        {"body": f"Document number {i}: " + "the quick brown fox jumps over the lazy dog. " * 3, "id": i}
+        for i in range(50)
+    ]
     with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
         for d in docs[:25]:
             f.write(json.dumps(d) + "\n")
@@ -111,8 +119,19 @@ def test_jsonl_gz_inputs_with_text_field_and_globs(tmp_path):
         for d in docs[25:]:
             f.write(json.dumps(d) + "\n")
     out = tmp_path / "tok"
-    rc = main(["tokenizer", "--input", str(tmp_path / "*.jsonl*"), "--text-field", "body",
-               "--vocab-size", "300", "--output", str(out)])
+    rc = main(
+        [
+            "tokenizer",
+            "--input",
+            str(tmp_path / "*.jsonl*"),
+            "--text-field",
+            "body",
+            "--vocab-size",
+            "300",
+            "--output",
+            str(out),
+        ]
+    )
     assert rc == 0
     tok = Tokenizer.from_dir(out)
     assert tok.vocab_size == 300
@@ -146,8 +165,10 @@ def test_bad_inputs_give_clean_errors(tmp_path, capsys):
         Tokenizer.from_dir(tmp_path)
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "models" / "gpt2_bpe_tokenizer" / "vocab.bpe").is_file(),
-                    reason="shared data (../shared/data/models) not available")
+@pytest.mark.skipif(
+    not (SHARED_DATA / "models" / "gpt2_bpe_tokenizer" / "vocab.bpe").is_file(),
+    reason="shared data (../shared/data/models) not available",
+)
 def test_wrapper_loads_a_foreign_hf_tokenizer_folder(tmp_path):
     """Any folder with a tokenizer.json works (here GPT-2's BPE, with its tokens in tokenizer_config)."""
     from tokenizers import ByteLevelBPETokenizer
@@ -155,12 +176,15 @@ def test_wrapper_loads_a_foreign_hf_tokenizer_folder(tmp_path):
     src = SHARED_DATA / "models" / "gpt2_bpe_tokenizer"
     bpe = ByteLevelBPETokenizer(str(src / "encoder.json"), str(src / "vocab.bpe"))
     bpe.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": {"content": "<|endoftext|>", "special": True}, "eos_token": "<|endoftext|>"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": {"content": "<|endoftext|>", "special": True}, "eos_token": "<|endoftext|>"})
+    )
     tok = Tokenizer.from_dir(tmp_path)
     assert tok.encode("Hello world") == [15496, 995]  # GPT-2's well-known ids
     assert tok.bos_id == tok.eos_id == 50256 and tok.vocab_size == 50257
     assert tok.encode("Hello world", add_bos=True, add_eos=True) == [50256, 15496, 995, 50256]
     assert tok.decode([15496, 995]) == "Hello world"
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == \
-        "<|endoftext|><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+        == "<|endoftext|><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )

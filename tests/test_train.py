@@ -20,13 +20,32 @@ from smedjan.train import checkpointing as ck
 from smedjan.train.cli import bundled_corpus
 from smedjan.train.loader import WindowSampler, eval_batches
 from smedjan.train.loss import chunked_cross_entropy, naive_cross_entropy
-from smedjan.train.step import (OptimConfig, decay_mask, init_train_state, make_optimizer, make_schedule,
-                                make_train_step)
+from smedjan.train.step import OptimConfig, decay_mask, init_train_state, make_optimizer, make_schedule, make_train_step
 
 # One tiny shape for every CLI run here, so the jitted steps are shared between tests.
-TINY = ["--size", "tiny", "--dim", "64", "--layers", "2", "--heads", "4", "--ffn-dim", "128",
-        "--seq-len", "32", "--batch-size", "8", "--precision", "fp32", "--no-progress", "--eval-batches", "2",
-        "--loss-chunk", "128"]
+TINY = [
+    "--size",
+    "tiny",
+    "--dim",
+    "64",
+    "--layers",
+    "2",
+    "--heads",
+    "4",
+    "--ffn-dim",
+    "128",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "8",
+    "--precision",
+    "fp32",
+    "--no-progress",
+    "--eval-batches",
+    "2",
+    "--loss-chunk",
+    "128",
+]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +77,7 @@ def test_chunked_cross_entropy_equals_naive(chunk):
         def loss(h, w):
             s, n = fn(h, w, targets)
             return s / n
+
         return loss
 
     chunked = f(lambda h, w, t: chunked_cross_entropy(h, w, t, chunk_size=chunk))
@@ -92,23 +112,41 @@ def test_schedules_and_weight_decay_mask():
     cos = make_schedule(OptimConfig(lr=1.0, warmup_steps=10, total_steps=100, min_lr_ratio=0.1))
     assert float(cos(0)) == 0.0 and abs(float(cos(10)) - 1.0) < 1e-6
     assert abs(float(cos(100)) - 0.1) < 1e-6 and 0.1 < float(cos(55)) < 1.0
-    wsd = make_schedule(OptimConfig(lr=1.0, warmup_steps=10, total_steps=100, schedule="wsd",
-                                    decay_fraction=0.2, min_lr_ratio=0.0))
+    wsd = make_schedule(
+        OptimConfig(lr=1.0, warmup_steps=10, total_steps=100, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
+    )
     assert abs(float(wsd(10)) - 1.0) < 1e-6 and abs(float(wsd(79)) - 1.0) < 1e-6
     assert abs(float(wsd(90)) - 0.5) < 1e-6 and float(wsd(100)) < 1e-6
-    mask = decay_mask({k: None for k in ["model.embed_tokens.weight", "model.norm.weight",
-                                          "model.layers.input_layernorm.weight", "model.layers.self_attn.q_proj.bias",
-                                          "model.layers.self_attn.q_norm.weight", "model.layers.mlp.up_proj.weight",
-                                          "model.layers.self_attn.o_proj.weight", "lm_head.weight"]})
-    assert [k for k, v in mask.items() if v] == ["model.layers.mlp.up_proj.weight",
-                                                  "model.layers.self_attn.o_proj.weight", "lm_head.weight"]
+    mask = decay_mask(
+        {
+            k: None
+            for k in [
+                "model.embed_tokens.weight",
+                "model.norm.weight",
+                "model.layers.input_layernorm.weight",
+                "model.layers.self_attn.q_proj.bias",
+                "model.layers.self_attn.q_norm.weight",
+                "model.layers.mlp.up_proj.weight",
+                "model.layers.self_attn.o_proj.weight",
+                "lm_head.weight",
+            ]
+        }
+    )
+    assert [k for k, v in mask.items() if v] == [
+        "model.layers.mlp.up_proj.weight",
+        "model.layers.self_attn.o_proj.weight",
+        "lm_head.weight",
+    ]
 
 
 def test_weight_decay_skips_norms_and_embeddings():
     """With zero gradients only decayed tensors move."""
     opt = make_optimizer(OptimConfig(lr=0.1, warmup_steps=0, total_steps=10, weight_decay=0.5, clip_norm=0))
-    params = {"model.norm.weight": jnp.ones(4), "model.embed_tokens.weight": jnp.ones((3, 4)),
-              "model.layers.mlp.up_proj.weight": jnp.ones((1, 3, 4))}
+    params = {
+        "model.norm.weight": jnp.ones(4),
+        "model.embed_tokens.weight": jnp.ones((3, 4)),
+        "model.layers.mlp.up_proj.weight": jnp.ones((1, 3, 4)),
+    }
     state = opt.init(params)
     zeros = jax.tree.map(jnp.zeros_like, params)
     upd, _ = opt.update(zeros, state, params)
@@ -118,8 +156,16 @@ def test_weight_decay_skips_norms_and_embeddings():
 
 
 def test_grad_accumulation_equals_one_big_batch():
-    cfg = preset("tiny", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                 num_key_value_heads=2, head_dim=0, vocab_size=64)
+    cfg = preset(
+        "tiny",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=0,
+        vocab_size=64,
+    )
     opt = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, total_steps=10))
     tokens = jax.random.randint(jax.random.key(1), (4, 17), 0, 64)
     results = []
@@ -136,8 +182,16 @@ def test_grad_accumulation_equals_one_big_batch():
 
 def test_bf16_compute_and_remat_track_fp32():
     """bf16 compute over fp32 master weights (and full remat) gives the fp32 loss within bf16 error."""
-    cfg = preset("tiny", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                 num_key_value_heads=2, head_dim=0, vocab_size=64)
+    cfg = preset(
+        "tiny",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=0,
+        vocab_size=64,
+    )
     opt = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, total_steps=10))
     tokens = jax.random.randint(jax.random.key(1), (4, 17), 0, 64)
     ref_state = init_train_state(cfg, jax.random.key(0), opt)
@@ -170,9 +224,29 @@ def test_window_sampler_is_a_pure_function_of_the_counter(tmp_path):
 
 # ---- end-to-end ------------------------------------------------------------------------------------------
 def _train_args(data, tok, run, *extra):
-    return ["train", "--dataset", str(data), "--tokenizer", str(tok), *TINY, "--steps", "60", "--lr", "3e-3",
-            "--warmup-steps", "5", "--log-every", "1", "--eval-every", "30", "--save-every", "20",
-            "--out", str(run), *extra]
+    return [
+        "train",
+        "--dataset",
+        str(data),
+        "--tokenizer",
+        str(tok),
+        *TINY,
+        "--steps",
+        "60",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "5",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "30",
+        "--save-every",
+        "20",
+        "--out",
+        str(run),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -316,8 +390,20 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
 
 def test_bad_options_give_clean_errors(tmp_path, corpus, capsys):
     data, tok = corpus
-    base = ["train", "--dataset", str(data), "--tokenizer", str(tok), "--size", "tiny", "--steps", "2",
-            "--no-progress", "--out", str(tmp_path / "r")]
+    base = [
+        "train",
+        "--dataset",
+        str(data),
+        "--tokenizer",
+        str(tok),
+        "--size",
+        "tiny",
+        "--steps",
+        "2",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "r"),
+    ]
     assert main([*base, "--vocab-size", "256"]) == 1
     err = capsys.readouterr().err
     assert "tokenizer has 512 tokens" in err and "vocab_size is 256" in err and "Traceback" not in err
@@ -338,8 +424,9 @@ def test_recipe_file_and_flags_layering(tmp_path):
     from smedjan.train.cli import resolve_options
 
     recipe = tmp_path / "r.json"
-    recipe.write_text(json.dumps({"corpus": "bundled", "size": "small", "dim": 96, "steps": 50, "lr": 1e-3,
-                                  "_comment": "ignored"}))
+    recipe.write_text(
+        json.dumps({"corpus": "bundled", "size": "small", "dim": 96, "steps": 50, "lr": 1e-3, "_comment": "ignored"})
+    )
     args = build_parser().parse_args(["train", "--recipe", str(recipe), "--steps", "7", "--layers", "3"])
     opts, pipeline = resolve_options(args)
     assert opts["steps"] == 7 and opts["lr"] == 1e-3 and opts["size"] == "small"
@@ -360,4 +447,4 @@ def test_speed_knobs_resolve_per_backend(monkeypatch):
     assert speed_knobs(cfg) == ("dots", 16384, True)  # the H100-measured setting
     big_vocab = cfg.replace(vocab_size=128256)
     remat, chunk, _ = speed_knobs(big_vocab)
-    assert chunk * big_vocab.vocab_size * 4 <= 2 ** 31 and chunk == 4096
+    assert chunk * big_vocab.vocab_size * 4 <= 2**31 and chunk == 4096

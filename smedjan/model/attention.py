@@ -32,6 +32,7 @@ def resolve_impl(impl: str) -> str:
     # On Hopper the Mosaic GPU flash kernel beats cuDNN for training shapes (fwd+bwd 1.15x at
     # 125m's S=1024 D=64, 1.05x at S=4k; benchmarks/RESULTS.md); elsewhere cuDNN is fastest.
     from pallas_kernels.flash_attention_mgpu import available
+
     return "pallas" if available() else "cudnn"
 
 
@@ -78,12 +79,12 @@ def per_device(kernel, q, k, v, *rows):
     t = sizes.get("tensor", 1)
     split_heads = t > 1 and q.shape[2] % t == 0 and k.shape[2] % t == 0
     heads = P(batch, None, "tensor" if split_heads else None, None)
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(heads,) * 3 + (P(batch, None),) * len(rows),
-                         out_specs=heads, check_vma=False)(q, k, v, *rows)
+    return jax.shard_map(
+        kernel, mesh=mesh, in_specs=(heads,) * 3 + (P(batch, None),) * len(rows), out_specs=heads, check_vma=False
+    )(q, k, v, *rows)
 
 
-def attention(q, k, v, *, q_pos, kv_pos, sliding_window=None, segment_ids=None, impl="xla",
-              decoding=False):
+def attention(q, k, v, *, q_pos, kv_pos, sliding_window=None, segment_ids=None, impl="xla", decoding=False):
     """Causal attention by absolute positions.
 
     q [B,S,Hq,D]; k, v [B,T,Hkv,D]; q_pos [B,S]; kv_pos [B,T].
@@ -95,18 +96,30 @@ def attention(q, k, v, *, q_pos, kv_pos, sliding_window=None, segment_ids=None, 
         if decoding:
             from pallas_kernels.decode_attention import decode_attention
 
-            return per_device(lambda q, k, v, pos: decode_attention(q, k, v, pos, sliding_window=sliding_window,
-                                                                    sm_scale=scale), q, k, v, q_pos)
+            return per_device(
+                lambda q, k, v, pos: decode_attention(q, k, v, pos, sliding_window=sliding_window, sm_scale=scale),
+                q,
+                k,
+                v,
+                q_pos,
+            )
         from pallas_kernels.flash_attention import flash_attention
 
-        return per_device(lambda q, k, v, *seg: flash_attention(q, k, v, causal=True, sliding_window=sliding_window,
-                                                                segment_ids=seg[0] if seg else None, sm_scale=scale),
-                          q, k, v, *(() if segment_ids is None else (segment_ids,)))
+        return per_device(
+            lambda q, k, v, *seg: flash_attention(
+                q, k, v, causal=True, sliding_window=sliding_window, segment_ids=seg[0] if seg else None, sm_scale=scale
+            ),
+            q,
+            k,
+            v,
+            *(() if segment_ids is None else (segment_ids,)),
+        )
     if impl == "cudnn" and not decoding and segment_ids is None and q.dtype in (jnp.bfloat16, jnp.float16):
         # cuDNN's own causal mask assumes positions 0..S-1, which training batches have; it takes only
         # 16-bit inputs, so float32 (reference-precision) runs fall through to XLA.
         window = None if sliding_window is None else (sliding_window - 1, 0)
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=window,
-                                            implementation="cudnn")
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=True, local_window_size=window, implementation="cudnn"
+        )
     mask = attention_mask(q_pos, kv_pos, sliding_window, segment_ids, segment_ids)
     return xla_attention(q, k, v, mask, scale)

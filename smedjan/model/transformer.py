@@ -43,8 +43,13 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         "model.norm.weight": (d,),
     }
     if cfg.qkv_bias:
-        shapes.update({L + "self_attn.q_proj.bias": (n, q), L + "self_attn.k_proj.bias": (n, kv),
-                       L + "self_attn.v_proj.bias": (n, kv)})
+        shapes.update(
+            {
+                L + "self_attn.q_proj.bias": (n, q),
+                L + "self_attn.k_proj.bias": (n, kv),
+                L + "self_attn.v_proj.bias": (n, kv),
+            }
+        )
     if cfg.o_bias:
         shapes[L + "self_attn.o_proj.bias"] = (n, d)
     if cfg.qk_norm:
@@ -77,7 +82,7 @@ def lm_head(params: dict, cfg: ModelConfig) -> jax.Array:
 
 
 def layer_params(params: dict) -> dict:
-    return {k[len(LAYER_PREFIX):]: v for k, v in params.items() if k.startswith(LAYER_PREFIX)}
+    return {k[len(LAYER_PREFIX) :]: v for k, v in params.items() if k.startswith(LAYER_PREFIX)}
 
 
 # ---- building blocks ---------------------------------------------------------------------------
@@ -146,9 +151,11 @@ def qkv_proj(x, p, cfg: ModelConfig):
     """q [..., H, hd], k and v [..., Hkv, hd]: one GEMM on joined weights (`fuse_layer_weights`), else three."""
     hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     if "qkv" not in p:
+
         def proj(n, heads):
             y = linear(x, p[f"self_attn.{n}_proj.weight"], p.get(f"self_attn.{n}_proj.bias"))
             return y.reshape(*x.shape[:-1], heads, hd)
+
         return proj("q", hq), proj("k", hkv), proj("v", hkv)
 
     y = jnp.einsum("...d,kghd->...kgh", x, p["qkv"].astype(x.dtype))
@@ -169,8 +176,9 @@ def self_attention(x, p, cfg: ModelConfig, cos, sin, q_pos, cache_kv, segment_id
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     if cache_kv is None:
-        out = attention(q, k, v, q_pos=q_pos, kv_pos=q_pos, sliding_window=cfg.sliding_window,
-                        segment_ids=segment_ids, impl=impl)
+        out = attention(
+            q, k, v, q_pos=q_pos, kv_pos=q_pos, sliding_window=cfg.sliding_window, segment_ids=segment_ids, impl=impl
+        )
         new_cache = None
     else:
         # Write this block's k/v at their absolute positions, then attend over the whole cache;
@@ -180,8 +188,16 @@ def self_attention(x, p, cfg: ModelConfig, cos, sin, q_pos, cache_kv, segment_id
         ck = ck.at[rows, q_pos].set(k.astype(ck.dtype), mode="drop")
         cv = cv.at[rows, q_pos].set(v.astype(cv.dtype), mode="drop")
         kv_pos = jnp.broadcast_to(jnp.arange(ck.shape[1]), (b, ck.shape[1]))
-        out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), q_pos=q_pos, kv_pos=kv_pos,
-                        sliding_window=cfg.sliding_window, impl=impl, decoding=True)
+        out = attention(
+            q,
+            ck.astype(q.dtype),
+            cv.astype(q.dtype),
+            q_pos=q_pos,
+            kv_pos=kv_pos,
+            sliding_window=cfg.sliding_window,
+            impl=impl,
+            decoding=True,
+        )
         new_cache = (ck, cv)
     # Named so a remat policy can keep it: the attention kernel is then not re-run in the backward.
     out = checkpoint_name(out.reshape(b, s, cfg.num_attention_heads * hd), "attn_out")
@@ -189,8 +205,9 @@ def self_attention(x, p, cfg: ModelConfig, cos, sin, q_pos, cache_kv, segment_id
 
 
 def decoder_layer(x, p, cfg, cos, sin, q_pos, cache_kv, segment_ids, impl):
-    h, new_cache = self_attention(rms_norm(x, p["input_layernorm.weight"], cfg.rms_norm_eps), p, cfg,
-                                  cos, sin, q_pos, cache_kv, segment_ids, impl)
+    h, new_cache = self_attention(
+        rms_norm(x, p["input_layernorm.weight"], cfg.rms_norm_eps), p, cfg, cos, sin, q_pos, cache_kv, segment_ids, impl
+    )
     x = x + h
     x = x + mlp(rms_norm(x, p["post_attention_layernorm.weight"], cfg.rms_norm_eps), p)
     return x, new_cache
@@ -208,9 +225,20 @@ def default_scan_unroll() -> int | bool:
     return True if jax.default_backend() == "gpu" else 1
 
 
-def forward(params: dict, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None, cache=None,
-            attn_impl: str = "xla", remat: str = "none", compute_dtype=None, return_hidden: bool = False,
-            scan_unroll: int | bool | None = None):
+def forward(
+    params: dict,
+    tokens,
+    cfg: ModelConfig,
+    *,
+    positions=None,
+    segment_ids=None,
+    cache=None,
+    attn_impl: str = "xla",
+    remat: str = "none",
+    compute_dtype=None,
+    return_hidden: bool = False,
+    scan_unroll: int | bool | None = None,
+):
     """tokens [B, S] int32 -> logits [B, S, V] (or final hidden states [B, S, D]).
 
     positions: absolute positions [B, S] (default 0..S-1).

@@ -45,8 +45,15 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, e):
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return _error_response(APIError(e.status_code, str(e.detail), None, code,
-                                        "invalid_request_error" if e.status_code < 500 else "server_error"))
+        return _error_response(
+            APIError(
+                e.status_code,
+                str(e.detail),
+                None,
+                code,
+                "invalid_request_error" if e.status_code < 500 else "server_error",
+            )
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request, e):
@@ -66,8 +73,13 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         return {"status": "ok", "model": model_name, "active": engine.num_active, "queued": engine.num_queued}
 
     def _model_card():
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "smedjan",
-                "max_model_len": engine.max_seq_len}
+        return {
+            "id": model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "smedjan",
+            "max_model_len": engine.max_seq_len,
+        }
 
     @app.get("/v1/models")
     async def models():
@@ -92,8 +104,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     # ---- shared machinery ----------------------------------------------------------------------
     def _encode(req: GenRequest) -> list[list[int]]:
         if req.model != model_name:
-            raise APIError(400, f"The model '{req.model}' does not exist; this server serves '{model_name}'",
-                           "model", "model_not_found")
+            raise APIError(
+                400,
+                f"The model '{req.model}' does not exist; this server serves '{model_name}'",
+                "model",
+                "model_not_found",
+            )
         if req.chat:
             try:
                 text = tokenizer.apply_chat_template(req.messages, add_generation_prompt=True)
@@ -121,8 +137,13 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 for j in range(req.n):
                     index = pi * req.n + j
                     params = req.params
-                    params = type(params)(**{**params.__dict__, "max_new_tokens": max_new,
-                                             "seed": None if params.seed is None else params.seed + j})
+                    params = type(params)(
+                        **{
+                            **params.__dict__,
+                            "max_new_tokens": max_new,
+                            "seed": None if params.seed is None else params.seed + j,
+                        }
+                    )
                     submitted.append(engine.submit(ids, params, sink=sink_for(index)))
         except QueueFull as e:
             for r in submitted:
@@ -145,9 +166,17 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         out = []
         for e in entries:
             s = _tok_str(e["id"])
-            out.append({"token": s, "logprob": e["logprob"], "bytes": list(s.encode()),
-                        "top_logprobs": [{"token": _tok_str(i), "logprob": lp, "bytes": list(_tok_str(i).encode())}
-                                         for i, lp in e.get("top", [])]})
+            out.append(
+                {
+                    "token": s,
+                    "logprob": e["logprob"],
+                    "bytes": list(s.encode()),
+                    "top_logprobs": [
+                        {"token": _tok_str(i), "logprob": lp, "bytes": list(_tok_str(i).encode())}
+                        for i, lp in e.get("top", [])
+                    ],
+                }
+            )
         return {"content": out}
 
     def _logprobs_completion(entries, offset0: int):
@@ -170,6 +199,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         def sink_for(index):
             def sink(ev):
                 loop.call_soon_threadsafe(events.put_nowait, (index, ev))
+
             return sink
 
         reqs = _submit_all(req, prompt_ids, sink_for)
@@ -177,9 +207,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         now = int(time.time())
         prompt_tokens = sum(len(p) for p in prompt_ids) * req.n
         if req.stream:
-            return StreamingResponse(_stream(request, req, reqs, events, rid, now, prompt_tokens),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                _stream(request, req, reqs, events, rid, now, prompt_tokens),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         return await _collect(request, req, reqs, events, rid, now, prompt_tokens, prompt_ids)
 
     async def _next_event(request, events):
@@ -187,7 +219,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         while True:
             try:
                 return await asyncio.wait_for(events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if await request.is_disconnected():
                     return None
 
@@ -201,8 +233,17 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             while any(f is None for f in finish):
                 item = await _next_event(request, events)
                 if item is None:
-                    return JSONResponse({"error": {"message": "client disconnected", "type": "invalid_request_error",
-                                                   "param": None, "code": "client_closed"}}, status_code=499)
+                    return JSONResponse(
+                        {
+                            "error": {
+                                "message": "client disconnected",
+                                "type": "invalid_request_error",
+                                "param": None,
+                                "code": "client_closed",
+                            }
+                        },
+                        status_code=499,
+                    )
                 i, ev = item
                 if ev.error:
                     raise APIError(503, ev.error, None, "generation_failed")
@@ -218,22 +259,39 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         for i in range(k):
             text = "".join(texts[i])
             if req.chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                                "logprobs": _logprobs_chat(lps[i]) if req.logprobs is not None else None,
-                                "finish_reason": finish[i]})
+                choices.append(
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": _logprobs_chat(lps[i]) if req.logprobs is not None else None,
+                        "finish_reason": finish[i],
+                    }
+                )
             else:
                 prefix = ""
                 if req.echo:
                     p = req.prompts[i // req.n]
                     prefix = p if isinstance(p, str) else decode_text(tokenizer, p)
-                choices.append({"index": i, "text": prefix + text,
-                                "logprobs": (_logprobs_completion(lps[i], len(prefix))
-                                             if req.logprobs is not None else None),
-                                "finish_reason": finish[i]})
-        return {"id": rid, "object": "chat.completion" if req.chat else "text_completion", "created": now,
-                "model": model_name, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+                choices.append(
+                    {
+                        "index": i,
+                        "text": prefix + text,
+                        "logprobs": (_logprobs_completion(lps[i], len(prefix)) if req.logprobs is not None else None),
+                        "finish_reason": finish[i],
+                    }
+                )
+        return {
+            "id": rid,
+            "object": "chat.completion" if req.chat else "text_completion",
+            "created": now,
+            "model": model_name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
 
     async def _cancel_on_disconnect(request, reqs):
         """Cancel the requests as soon as the client goes away. The stream alone may notice late:
@@ -260,16 +318,31 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         watcher = asyncio.create_task(_cancel_on_disconnect(request, reqs))
         try:
             if req.chat:
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for i in range(k)])
+                yield chunk(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                        for i in range(k)
+                    ]
+                )
             while any(f is None for f in finish):
                 item = await _next_event(request, events)
                 if item is None:
                     return
                 i, ev = item
                 if ev.error:
-                    err = {"error": {"message": ev.error, "type": "server_error", "param": None,
-                                     "code": "generation_failed"}}
+                    err = {
+                        "error": {
+                            "message": ev.error,
+                            "type": "server_error",
+                            "param": None,
+                            "code": "generation_failed",
+                        }
+                    }
                     yield f"data: {json.dumps(err)}\n\n"
                     return
                 if ev.finish_reason is not None:
@@ -282,13 +355,22 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                     lp = _logprobs_chat(ev.logprobs) if req.logprobs is not None and ev.logprobs else None
                     yield chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}])
                 else:
-                    lp = (_logprobs_completion(ev.logprobs, offsets[i])
-                          if req.logprobs is not None and ev.logprobs else None)
+                    lp = (
+                        _logprobs_completion(ev.logprobs, offsets[i])
+                        if req.logprobs is not None and ev.logprobs
+                        else None
+                    )
                     offsets[i] += len(ev.text)
                     yield chunk([{"index": i, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}])
             if req.include_usage:
-                yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                 "total_tokens": prompt_tokens + completion_tokens})
+                yield chunk(
+                    [],
+                    {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": completion_tokens,
+                        "total_tokens": prompt_tokens + completion_tokens,
+                    },
+                )
             yield "data: [DONE]\n\n"
         finally:  # runs on normal end, on error and when the client disconnects (generator cancelled)
             watcher.cancel()

@@ -6,10 +6,11 @@ import sys
 import time
 from pathlib import Path
 
+from smedjan.errors import UserError
+
 
 def _load(args):
     from smedjan.checkpoint import CheckpointError
-    from smedjan.cli import UserError
     from smedjan.generate import default_dtype, load_model, stop_ids_for
 
     try:
@@ -27,8 +28,17 @@ def _load(args):
 def _engine(args, cfg, params, tok, max_seq_len, stops, max_batch):
     from smedjan.serve.engine import Engine
 
-    return Engine(params, cfg, tok, max_batch=max_batch, max_seq_len=max_seq_len, max_queue=args.max_queue,
-                  attn_impl=args.attn_impl, stop_token_ids=stops, decode_chunk=args.decode_chunk)
+    return Engine(
+        params,
+        cfg,
+        tok,
+        max_batch=max_batch,
+        max_seq_len=max_seq_len,
+        max_queue=args.max_queue,
+        attn_impl=args.attn_impl,
+        stop_token_ids=stops,
+        decode_chunk=args.decode_chunk,
+    )
 
 
 def _warmup(engine, tok):
@@ -42,7 +52,6 @@ def _warmup(engine, tok):
 
 
 def _cmd_serve(args):
-    from smedjan.cli import UserError
 
     try:
         import uvicorn
@@ -59,8 +68,10 @@ def _cmd_serve(args):
         print("compiling... ", end="", file=sys.stderr, flush=True)
         print(f"{_warmup(engine, tok):.1f}s", file=sys.stderr)
     app = create_app(engine, tok, name, api_key=args.api_key)
-    print(f"serving {name} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
-          f"context {max_seq_len})", file=sys.stderr)
+    print(
+        f"serving {name} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, context {max_seq_len})",
+        file=sys.stderr,
+    )
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
@@ -98,15 +109,21 @@ def _cmd_chat(args):
             ids = tok.encode(tok.apply_chat_template(history, add_generation_prompt=True), add_bos=False)
             start = 1 if history[0]["role"] == "system" else 0
             while len(ids) >= max_seq_len and len(history) - start > 2:  # forget the oldest exchange
-                del history[start:start + 2]
+                del history[start : start + 2]
                 ids = tok.encode(tok.apply_chat_template(history, add_generation_prompt=True), add_bos=False)
             if len(ids) >= max_seq_len:
                 print("(message too long for the context; try /reset)", file=sys.stderr)
                 history.pop()
                 continue
-            params = SamplingParams(max_new_tokens=min(args.max_new_tokens, max_seq_len - len(ids)),
-                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                    min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+            params = SamplingParams(
+                max_new_tokens=min(args.max_new_tokens, max_seq_len - len(ids)),
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty,
+                seed=args.seed,
+            )
             if not interactive:
                 out.write("assistant: ")
             reply = []
@@ -133,20 +150,35 @@ def _common_args(p):
     from smedjan.generate import add_sampling_args
 
     p.add_argument("model", help="checkpoint folder or hub repo id")
-    p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length per sequence (default: the "
-                   "model's max_position_embeddings)")
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="KV cache length per sequence (default: the model's max_position_embeddings)",
+    )
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429s")
-    p.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "pallas", "pallas_fused"],
-                   help="decode attention: auto (the fused Pallas decode kernel on GPU, XLA elsewhere), xla, "
-                        "pallas (split-K kernel) or pallas_fused")
-    p.add_argument("--decode-chunk", type=int, default=8,
-                   help="decode steps per dispatch (tokens then stream in bursts of up to this many)")
+    p.add_argument(
+        "--attn-impl",
+        default="auto",
+        choices=["auto", "xla", "pallas", "pallas_fused"],
+        help="decode attention: auto (the fused Pallas decode kernel on GPU, XLA elsewhere), xla, "
+        "pallas (split-K kernel) or pallas_fused",
+    )
+    p.add_argument(
+        "--decode-chunk",
+        type=int,
+        default=8,
+        help="decode steps per dispatch (tokens then stream in bursts of up to this many)",
+    )
     add_sampling_args(p)
 
 
 def register(subparsers):
-    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
-                              description="Serve a checkpoint over /v1/completions and /v1/chat/completions.")
+    p = subparsers.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server with continuous batching",
+        description="Serve a checkpoint over /v1/completions and /v1/chat/completions.",
+    )
     _common_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

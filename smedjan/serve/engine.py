@@ -111,10 +111,23 @@ class Request:
 
 
 class Engine:
-    def __init__(self, params: dict, cfg: ModelConfig, tokenizer=None, *, max_batch: int = 64,
-                 max_seq_len: int | None = None, max_queue: int = 256, dtype=None, attn_impl: str = "auto",
-                 stop_token_ids=(), max_prefills_per_step: int = 4, min_kv_bucket: int = MIN_BUCKET,
-                 cache_dtype=None, decode_chunk: int = 8):
+    def __init__(
+        self,
+        params: dict,
+        cfg: ModelConfig,
+        tokenizer=None,
+        *,
+        max_batch: int = 64,
+        max_seq_len: int | None = None,
+        max_queue: int = 256,
+        dtype=None,
+        attn_impl: str = "auto",
+        stop_token_ids=(),
+        max_prefills_per_step: int = 4,
+        min_kv_bucket: int = MIN_BUCKET,
+        cache_dtype=None,
+        decode_chunk: int = 8,
+    ):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.max_seq_len = int(max_seq_len or cfg.max_position_embeddings)
@@ -123,8 +136,16 @@ class Engine:
         self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
         self.max_prefills_per_step = max_prefills_per_step
         self.decode_chunk = max(1, int(decode_chunk))
-        self.runner = Runner(params, cfg, max_batch, self.max_seq_len, dtype=dtype, attn_impl=attn_impl,
-                             cache_dtype=cache_dtype, min_kv_bucket=min_kv_bucket)
+        self.runner = Runner(
+            params,
+            cfg,
+            max_batch,
+            self.max_seq_len,
+            dtype=dtype,
+            attn_impl=attn_impl,
+            cache_dtype=cache_dtype,
+            min_kv_bucket=min_kv_bucket,
+        )
         self.slots: list[Request | None] = [None] * max_batch
         self._pending: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
@@ -134,7 +155,7 @@ class Engine:
         self.tokens_generated = 0
 
     # ---- public API -------------------------------------------------------------------------
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="smedjan-engine", daemon=True)
             self._thread.start()
@@ -167,13 +188,19 @@ class Engine:
         if n_prompt < 1:
             raise ValueError("prompt", "the prompt is empty")
         if n_prompt >= self.max_seq_len:
-            raise ValueError("prompt", f"This model's maximum context length is {self.max_seq_len} tokens. "
-                             f"However, your prompt has {n_prompt} tokens.")
+            raise ValueError(
+                "prompt",
+                f"This model's maximum context length is {self.max_seq_len} tokens. "
+                f"However, your prompt has {n_prompt} tokens.",
+            )
         if max_new_tokens is not None and n_prompt + max_new_tokens > self.max_seq_len:
-            raise ValueError("max_tokens", f"This model's maximum context length is {self.max_seq_len} tokens. "
-                             f"However, you requested {n_prompt + max_new_tokens} tokens ({n_prompt} in the "
-                             f"prompt, {max_new_tokens} for the completion). Please reduce the prompt or "
-                             f"max_tokens.")
+            raise ValueError(
+                "max_tokens",
+                f"This model's maximum context length is {self.max_seq_len} tokens. "
+                f"However, you requested {n_prompt + max_new_tokens} tokens ({n_prompt} in the "
+                f"prompt, {max_new_tokens} for the completion). Please reduce the prompt or "
+                f"max_tokens.",
+            )
 
     def submit(self, prompt_ids: list[int], params: SamplingParams | None = None, sink=None) -> Request:
         params = (params or SamplingParams()).validate()
@@ -286,8 +313,10 @@ class Engine:
         if p.logprobs or p.top_logprobs:
             entry = {"id": tok, "logprob": float(out["logprob"][row])}
             if p.top_logprobs and "top_ids" in out:
-                entry["top"] = [(int(a), float(b)) for a, b in
-                                zip(out["top_ids"][row][:p.top_logprobs], out["top_logprobs"][row][:p.top_logprobs])]
+                entry["top"] = [
+                    (int(a), float(b))
+                    for a, b in zip(out["top_ids"][row][: p.top_logprobs], out["top_logprobs"][row][: p.top_logprobs])
+                ]
             lp = [entry]
         if (tok in self.stop_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             text = r.stream.flush() if r.stream else ""
@@ -321,8 +350,15 @@ class Engine:
         if r.slot is not None and self.slots[r.slot] is r:
             self.slots[r.slot] = None
         r.finished.set()
-        ev = TokenEvent([], "", [], finish_reason=reason, prompt_tokens=len(r.prompt_ids),
-                        completion_tokens=r.n_generated, error=error)
+        ev = TokenEvent(
+            [],
+            "",
+            [],
+            finish_reason=reason,
+            prompt_tokens=len(r.prompt_ids),
+            completion_tokens=r.n_generated,
+            error=error,
+        )
         try:
             r.sink(ev)
         except Exception:

@@ -10,12 +10,17 @@ from smedjan.generate import MAX_TOP_LOGPROBS, SamplingParams
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, type: str | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or {400: "invalid_request_error", 401: "invalid_request_error",
-                             404: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
+        self.type = type or {
+            400: "invalid_request_error",
+            401: "invalid_request_error",
+            404: "invalid_request_error",
+            429: "rate_limit_error",
+        }.get(status, "server_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -29,8 +34,7 @@ def parse_json(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"We could not parse the JSON body of your request ({e}).", None,
-                       "invalid_json") from None
+        raise APIError(400, f"We could not parse the JSON body of your request ({e}).", None, "invalid_json") from None
     if not isinstance(body, dict):
         bad("The request body must be a JSON object.", None, "invalid_json")
     return body
@@ -89,8 +93,16 @@ def _common(body, chat: bool) -> tuple[dict, GenRequest]:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         bad("you must provide a model parameter", "model", "invalid_type")
-    for unsupported in ("suffix", "tools", "functions", "tool_choice", "function_call", "audio", "modalities",
-                        "prediction"):
+    for unsupported in (
+        "suffix",
+        "tools",
+        "functions",
+        "tool_choice",
+        "function_call",
+        "audio",
+        "modalities",
+        "prediction",
+    ):
         if body.get(unsupported) not in (None, [], {}, "none", "auto"):
             bad(f"'{unsupported}' is not supported by this server", unsupported, "unsupported_parameter")
     if body.get("logit_bias") not in (None, {}):
@@ -98,8 +110,14 @@ def _common(body, chat: bool) -> tuple[dict, GenRequest]:
     rf = body.get("response_format")
     if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
         bad("only response_format {'type': 'text'} is supported", "response_format", "unsupported_parameter")
-    max_tokens = _num(body, "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens",
-                      1, None, None, integer=True)
+    max_tokens = _num(
+        body,
+        "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens",
+        1,
+        None,
+        None,
+        integer=True,
+    )
     if max_tokens is None and not chat:
         max_tokens = 16
     n = _num(body, "n", 1, 16, 1, integer=True)
@@ -127,10 +145,21 @@ def _common(body, chat: bool) -> tuple[dict, GenRequest]:
         repetition_penalty=float(_num(body, "repetition_penalty", 0.0, 10.0, 1.0, lo_open=True)),
         presence_penalty=float(_num(body, "presence_penalty", -2.0, 2.0, 0.0)),
         frequency_penalty=float(_num(body, "frequency_penalty", -2.0, 2.0, 0.0)),
-        seed=seed, stop=_stop(body), stop_token_ids=tuple(stop_ids), ignore_eos=_bool(body, "ignore_eos"),
+        seed=seed,
+        stop=_stop(body),
+        stop_token_ids=tuple(stop_ids),
+        ignore_eos=_bool(body, "ignore_eos"),
     )
-    req = GenRequest(model=model, prompts=[], params=None, max_tokens=max_tokens, n=n, stream=stream,
-                     include_usage=include_usage, chat=chat)
+    req = GenRequest(
+        model=model,
+        prompts=[],
+        params=None,
+        max_tokens=max_tokens,
+        n=n,
+        stream=stream,
+        include_usage=include_usage,
+        chat=chat,
+    )
     return params, req
 
 
@@ -143,12 +172,19 @@ def parse_completion(body: dict) -> GenRequest:
         prompts = list(prompt)
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         prompts = [list(prompt)]
-    elif (isinstance(prompt, list) and prompt and all(isinstance(p, list) and p for p in prompt)
-          and all(isinstance(t, int) and not isinstance(t, bool) for p in prompt for t in p)):
+    elif (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(p, list) and p for p in prompt)
+        and all(isinstance(t, int) and not isinstance(t, bool) for p in prompt for t in p)
+    ):
         prompts = [list(p) for p in prompt]
     else:
-        bad("'prompt' must be a non-empty string, list of strings, list of token ids or list of such lists",
-            "prompt", "invalid_type")
+        bad(
+            "'prompt' must be a non-empty string, list of strings, list of token ids or list of such lists",
+            "prompt",
+            "invalid_type",
+        )
     if len(prompts) * req.n > 64:
         bad("at most 64 completions (prompts × n) per request", "n")
     if any(p == "" for p in prompts):
@@ -176,22 +212,31 @@ def parse_chat(body: dict) -> GenRequest:
     clean = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
-            bad(f"messages[{i}] must be an object with 'role' one of {list(ROLES)}", f"messages[{i}].role",
-                "invalid_type")
+            bad(
+                f"messages[{i}] must be an object with 'role' one of {list(ROLES)}",
+                f"messages[{i}].role",
+                "invalid_type",
+            )
         content = m.get("content")
         if isinstance(content, list):  # content parts: only text
             texts = []
             for part in content:
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    bad(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content",
-                        "unsupported_parameter")
+                    bad(
+                        f"messages[{i}].content: only text parts are supported",
+                        f"messages[{i}].content",
+                        "unsupported_parameter",
+                    )
                 texts.append(part["text"])
             content = "".join(texts)
         if content is None and m["role"] == "assistant":
             content = ""
         if not isinstance(content, str):
-            bad(f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content",
-                "invalid_type")
+            bad(
+                f"messages[{i}].content must be a string or a list of text parts",
+                f"messages[{i}].content",
+                "invalid_type",
+            )
         clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
     lp = _bool(body, "logprobs")
     top = _num(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, 0, integer=True)

@@ -15,7 +15,9 @@ import json
 import sys
 from pathlib import Path
 
+from smedjan.errors import UserError
 from smedjan.info import add_model_args, model_overrides
+from smedjan.text import DataError
 
 S = argparse.SUPPRESS
 MODEL_ARG_NAMES = ("dim", "layers", "heads", "kv_heads", "ffn_dim", "vocab_size", "max_seq_len")
@@ -27,7 +29,6 @@ def bundled_corpus() -> Path:
 
 
 def _load_recipe(path: str) -> dict:
-    from smedjan.cli import UserError
 
     p = Path(path)
     if not p.is_file():
@@ -43,7 +44,6 @@ def _load_recipe(path: str) -> dict:
 
 def resolve_options(args) -> tuple[dict, dict]:
     """(RunConfig kwargs, pipeline options) from defaults < recipe < command line."""
-    from smedjan.cli import UserError
     from smedjan.train.loop import RunConfig
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "recipe", "summary_json")}
@@ -62,14 +62,16 @@ def resolve_options(args) -> tuple[dict, dict]:
     return merged, pipeline
 
 
-def prepare_corpus(out: Path, corpus, tokenizer_vocab: int, val_fraction: float, text_field: str, split: str,
-                   tokenizer: str | None) -> tuple[str, str]:
+def prepare_corpus(
+    out: Path, corpus, tokenizer_vocab: int, val_fraction: float, text_field: str, split: str, tokenizer: str | None
+) -> tuple[str, str]:
     """Tokenizer + prepared data for `--corpus`, rebuilt only when missing or stale."""
     from smedjan.data import TokenDataset, prepare
     from smedjan.tokenizer import Tokenizer, train_tokenizer
 
-    inputs = [str(bundled_corpus()) if c == "bundled" else c for c in
-              ([corpus] if isinstance(corpus, str) else list(corpus))]
+    inputs = [
+        str(bundled_corpus()) if c == "bundled" else c for c in ([corpus] if isinstance(corpus, str) else list(corpus))
+    ]
     tok_dir = Path(tokenizer) if tokenizer else out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         if tokenizer:
@@ -80,25 +82,27 @@ def prepare_corpus(out: Path, corpus, tokenizer_vocab: int, val_fraction: float,
     fresh = False
     try:
         ds = TokenDataset(data_dir)
-        fresh = (ds.tokenizer_hash == Tokenizer.from_dir(tok_dir).hash
-                 and ds.header.get("inputs") == [str(Path(i)) for i in inputs]
-                 and ds.header.get("val_fraction") == val_fraction)
+        fresh = (
+            ds.tokenizer_hash == Tokenizer.from_dir(tok_dir).hash
+            and ds.header.get("inputs") == [str(Path(i)) for i in inputs]
+            and ds.header.get("val_fraction") == val_fraction
+        )
     except ValueError:
         pass
     if not fresh:
         print(f"preparing {data_dir}", file=sys.stderr)
         h = prepare(inputs, tok_dir, data_dir, val_fraction=val_fraction, text_field=text_field, split=split)
-        print(f"  {h['documents']} documents, {h['tokens']:,} tokens "
-              f"(val {h['splits']['val']['tokens']:,})", file=sys.stderr)
+        print(
+            f"  {h['documents']} documents, {h['tokens']:,} tokens (val {h['splits']['val']['tokens']:,})",
+            file=sys.stderr,
+        )
     return str(data_dir), str(tok_dir)
 
 
 def run_train(args) -> int:
-    from smedjan.cli import UserError
-    from smedjan.data import DataError
     from smedjan.tokenizer import TokenizerError
-    from smedjan.train.loop import RunConfig, TrainError, train
     from smedjan.train.checkpointing import CheckpointError
+    from smedjan.train.loop import RunConfig, TrainError, train
 
     opts, pipeline = resolve_options(args)
     try:
@@ -106,9 +110,14 @@ def run_train(args) -> int:
             out = Path(opts.get("out", RunConfig.out))
             out.mkdir(parents=True, exist_ok=True)
             opts["dataset"], opts["tokenizer"] = prepare_corpus(
-                out, pipeline["corpus"], int(pipeline.get("tokenizer_vocab", 4096)),
-                float(pipeline.get("val_fraction", 0.05)), pipeline.get("text_field", "text"),
-                pipeline.get("split", "auto"), opts.get("tokenizer"))
+                out,
+                pipeline["corpus"],
+                int(pipeline.get("tokenizer_vocab", 4096)),
+                float(pipeline.get("val_fraction", 0.05)),
+                pipeline.get("text_field", "text"),
+                pipeline.get("split", "auto"),
+                opts.get("tokenizer"),
+            )
         if not opts.get("dataset") or not opts.get("tokenizer"):
             raise UserError("give --dataset and --tokenizer (or --corpus bundled|FILES to build both)")
         rc = RunConfig(**opts)
@@ -127,13 +136,21 @@ def add_train_args(p) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=S, help="prepared dataset folder (smedjan prepare)")
     g.add_argument("--tokenizer", default=S, help="tokenizer folder; must be the one the dataset was prepared with")
-    g.add_argument("--corpus", nargs="+", default=S,
-                   help="'bundled' (packaged Shakespeare) or text files: train tokenizer + prepare into --out first")
+    g.add_argument(
+        "--corpus",
+        nargs="+",
+        default=S,
+        help="'bundled' (packaged Shakespeare) or text files: train tokenizer + prepare into --out first",
+    )
     g.add_argument("--tokenizer-vocab", type=int, default=S, help="with --corpus: BPE vocab size (default 4096)")
     g.add_argument("--val-fraction", type=float, default=S, help="with --corpus: held-out share of documents")
     g.add_argument("--text-field", default=S, help="with --corpus: JSONL field holding the text")
-    g.add_argument("--split", choices=["auto", "line", "blank", "file"], default=S,
-                   help="with --corpus: document boundaries in .txt files (see smedjan prepare)")
+    g.add_argument(
+        "--split",
+        choices=["auto", "line", "blank", "file"],
+        default=S,
+        help="with --corpus: document boundaries in .txt files (see smedjan prepare)",
+    )
     g.add_argument("--stream", action="store_true", default=S, help="read tokens through np.memmap")
     g = p.add_argument_group("model")
     g.add_argument("--size", default=S, help="preset (tiny, small, medium, 125m, ...) or config.json / folder")
@@ -152,8 +169,12 @@ def add_train_args(p) -> None:
     g.add_argument("--b1", type=float, default=S)
     g.add_argument("--b2", type=float, default=S)
     g.add_argument("--clip-norm", type=float, default=S)
-    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=S,
-                   help="bf16 compute over fp32 master weights, or fp32 (auto: bf16 on GPU, fp32 on CPU)")
+    g.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default=S,
+        help="bf16 compute over fp32 master weights, or fp32 (auto: bf16 on GPU, fp32 on CPU)",
+    )
     g.add_argument("--remat", choices=["auto", "none", "full", "dots"], default=S)
     g.add_argument("--attn-impl", choices=["auto", "xla", "cudnn", "pallas"], default=S)
     g.add_argument("--loss-chunk", type=int, default=S, help="tokens per chunk of the fused cross-entropy")
@@ -168,15 +189,18 @@ def add_train_args(p) -> None:
     g.add_argument("--save-every", type=int, default=S)
     g.add_argument("--keep", type=int, default=S, help="checkpoints to keep")
     g.add_argument("--mesh", default=S, help="e.g. data=2,fsdp=4 (default: all devices on data)")
-    g.add_argument("--distributed", action="store_true", default=S,
-                   help="multi-host: jax.distributed.initialize() (see smedjan.sharding)")
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        default=S,
+        help="multi-host: jax.distributed.initialize() (see smedjan.sharding)",
+    )
     g.add_argument("--peak-flops", type=float, default=S, help="total peak FLOP/s for MFU on unknown hardware")
     g.add_argument("--samples", type=int, default=S, help="print this many sampled texts at the end")
     g.add_argument("--sample-tokens", type=int, default=S)
     g.add_argument("--sample-prompt", default=S)
     g.add_argument("--no-progress", dest="progress", action="store_false", default=S)
-    g.add_argument("--no-export", dest="export", action="store_false", default=S,
-                   help="skip writing RUN/hf at the end")
+    g.add_argument("--no-export", dest="export", action="store_false", default=S, help="skip writing RUN/hf at the end")
     g.add_argument("--summary-json", default=None, help="write the run summary here")
 
 
@@ -196,7 +220,6 @@ def load_run_params(run_dir, step: int | None = None):
     """(params as numpy, ModelConfig, tokenizer folder or None, step) of a run's checkpoint."""
     from safetensors import safe_open
 
-    from smedjan.cli import UserError
     from smedjan.config import ModelConfig
     from smedjan.model.transformer import param_shapes
     from smedjan.train import checkpointing as ck
@@ -237,8 +260,12 @@ def _show_defaults(p) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="pre-train a model on a prepared dataset (or --corpus bundled)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "train",
+        help="pre-train a model on a prepared dataset (or --corpus bundled)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_train_args(p)
     _show_defaults(p)
     p.set_defaults(func=run_train)

@@ -17,11 +17,11 @@ import numpy as np
 class WindowSampler:
     """Random [B, S+1] windows of a 1-D token array (in memory or memmap)."""
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0,
-                 rows: slice | None = None):
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0, rows: slice | None = None):
         if tokens.shape[0] < seq_len + 1:
-            raise ValueError(f"the training split has {tokens.shape[0]} tokens, fewer than one window of "
-                             f"seq_len+1 = {seq_len + 1}")
+            raise ValueError(
+                f"the training split has {tokens.shape[0]} tokens, fewer than one window of seq_len+1 = {seq_len + 1}"
+            )
         self.tokens = tokens
         self.batch_size = batch_size
         self.seq_len = seq_len
@@ -34,7 +34,7 @@ class WindowSampler:
 
     def batch(self, index: int) -> np.ndarray:
         w = self.seq_len + 1
-        return np.stack([np.asarray(self.tokens[s:s + w], dtype=np.int32) for s in self.starts(index)])
+        return np.stack([np.asarray(self.tokens[s : s + w], dtype=np.int32) for s in self.starts(index)])
 
 
 def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None = None):
@@ -48,17 +48,17 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches:
         return []
     windows = []
     for s in range(0, n - 1, seq_len):
-        seg = np.asarray(tokens[s:s + seq_len + 1], dtype=np.int32)
+        seg = np.asarray(tokens[s : s + seq_len + 1], dtype=np.int32)
         inp = np.zeros(seq_len, np.int32)
         tgt = np.full(seq_len, -1, np.int32)
-        inp[:len(seg) - 1] = seg[:-1]
-        tgt[:len(seg) - 1] = seg[1:]
+        inp[: len(seg) - 1] = seg[:-1]
+        tgt[: len(seg) - 1] = seg[1:]
         windows.append((inp, tgt))
         if max_batches and len(windows) >= max_batches * batch_size:
             break
     out = []
     for i in range(0, len(windows), batch_size):
-        chunk = windows[i:i + batch_size]
+        chunk = windows[i : i + batch_size]
         inp = np.zeros((batch_size, seq_len), np.int32)
         tgt = np.full((batch_size, seq_len), -1, np.int32)
         for j, (a, b) in enumerate(chunk):

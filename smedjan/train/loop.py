@@ -60,8 +60,8 @@ class RunConfig:
     b1: float = 0.9
     b2: float = 0.95
     clip_norm: float = 1.0
-    precision: str = "auto"       # bf16 | fp32 | auto (bf16 on accelerators, fp32 on CPU)
-    remat: str = "auto"           # auto: measured best per backend (see train.step.speed_knobs)
+    precision: str = "auto"  # bf16 | fp32 | auto (bf16 on accelerators, fp32 on CPU)
+    remat: str = "auto"  # auto: measured best per backend (see train.step.speed_knobs)
     attn_impl: str = "auto"
     loss_chunk: int | None = None  # None: measured best per backend
     eval_every: int = 200
@@ -85,9 +85,18 @@ class RunConfig:
     def optim(self):
         from smedjan.train.step import OptimConfig
 
-        return OptimConfig(lr=self.lr, min_lr_ratio=self.min_lr_ratio, warmup_steps=self.warmup_steps,
-                           total_steps=self.steps, schedule=self.schedule, decay_fraction=self.decay_fraction,
-                           weight_decay=self.weight_decay, b1=self.b1, b2=self.b2, clip_norm=self.clip_norm)
+        return OptimConfig(
+            lr=self.lr,
+            min_lr_ratio=self.min_lr_ratio,
+            warmup_steps=self.warmup_steps,
+            total_steps=self.steps,
+            schedule=self.schedule,
+            decay_fraction=self.decay_fraction,
+            weight_decay=self.weight_decay,
+            b1=self.b1,
+            b2=self.b2,
+            clip_norm=self.clip_norm,
+        )
 
 
 def peak_flops_per_device(device) -> float | None:
@@ -118,11 +127,15 @@ def build_model_config(rc: RunConfig, tokenizer):
 
 def check_model_fits(cfg, tokenizer, seq_len: int) -> None:
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise TrainError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                         f"{cfg.vocab_size}; use --vocab-size >= {tokenizer.vocab_size} (or leave it unset)")
+        raise TrainError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{cfg.vocab_size}; use --vocab-size >= {tokenizer.vocab_size} (or leave it unset)"
+        )
     if seq_len > cfg.max_position_embeddings:
-        raise TrainError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
-                         f"{cfg.max_position_embeddings}; raise it with --max-seq-len")
+        raise TrainError(
+            f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
+            f"{cfg.max_position_embeddings}; raise it with --max-seq-len"
+        )
 
 
 @lru_cache(maxsize=8)
@@ -131,10 +144,17 @@ def _compiled_steps(model_cfg, optim_cfg, attn_impl, remat, compute_dtype, grad_
     from smedjan.train.step import make_eval_step, make_optimizer, make_train_step
 
     optimizer = make_optimizer(optim_cfg)
-    step = make_train_step(model_cfg, optimizer, attn_impl=attn_impl, remat=remat, compute_dtype=compute_dtype,
-                           grad_accum=grad_accum, loss_chunk=loss_chunk, mesh=mesh)
-    ev = make_eval_step(model_cfg, attn_impl=attn_impl, compute_dtype=compute_dtype, loss_chunk=loss_chunk,
-                        mesh=mesh)
+    step = make_train_step(
+        model_cfg,
+        optimizer,
+        attn_impl=attn_impl,
+        remat=remat,
+        compute_dtype=compute_dtype,
+        grad_accum=grad_accum,
+        loss_chunk=loss_chunk,
+        mesh=mesh,
+    )
+    ev = make_eval_step(model_cfg, attn_impl=attn_impl, compute_dtype=compute_dtype, loss_chunk=loss_chunk, mesh=mesh)
     return optimizer, step, ev
 
 
@@ -155,8 +175,10 @@ class _StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
-              f"(Ctrl-C again to abort)", file=sys.stderr)
+        print(
+            f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to abort)",
+            file=sys.stderr,
+        )
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -232,8 +254,15 @@ def train(rc: RunConfig) -> dict:
 
     from smedjan.config import ModelConfig
     from smedjan.data import TokenDataset
-    from smedjan.sharding import (ShardingError, batch_divisor, batch_sharding, initialize_distributed, make_mesh,
-                                  process_rows, put_batch)
+    from smedjan.sharding import (
+        ShardingError,
+        batch_divisor,
+        batch_sharding,
+        initialize_distributed,
+        make_mesh,
+        process_rows,
+        put_batch,
+    )
     from smedjan.tokenizer import TOKENIZER_FILES_COPIED, Tokenizer
     from smedjan.train import checkpointing as ck
     from smedjan.train.loader import Prefetcher, WindowSampler, eval_batches
@@ -276,8 +305,10 @@ def train(rc: RunConfig) -> dict:
         raise TrainError(str(e)) from None
     div = batch_divisor(mesh)
     if rc.batch_size % rc.grad_accum or (rc.batch_size // rc.grad_accum) % div:
-        raise TrainError(f"--batch-size {rc.batch_size} must divide by --grad-accum {rc.grad_accum} and each "
-                         f"micro-batch ({rc.batch_size}/{rc.grad_accum}) by data·fsdp = {div}")
+        raise TrainError(
+            f"--batch-size {rc.batch_size} must divide by --grad-accum {rc.grad_accum} and each "
+            f"micro-batch ({rc.batch_size}/{rc.grad_accum}) by data·fsdp = {div}"
+        )
     if rc.precision not in ("auto", "bf16", "fp32"):
         raise TrainError(f"--precision must be bf16, fp32 or auto, got {rc.precision!r}")
     precision = rc.precision
@@ -285,8 +316,9 @@ def train(rc: RunConfig) -> dict:
         precision = "fp32" if jax.default_backend() == "cpu" else "bf16"
     compute_dtype = jnp.bfloat16 if precision == "bf16" else None
     optim_cfg = rc.optim()
-    optimizer, train_step, eval_step = _compiled_steps(model_cfg, optim_cfg, rc.attn_impl, rc.remat,
-                                                       compute_dtype, rc.grad_accum, rc.loss_chunk, mesh)
+    optimizer, train_step, eval_step = _compiled_steps(
+        model_cfg, optim_cfg, rc.attn_impl, rc.remat, compute_dtype, rc.grad_accum, rc.loss_chunk, mesh
+    )
     st_sh = state_shardings(model_cfg, optimizer, mesh)
     b_sh = batch_sharding(mesh)
 
@@ -312,8 +344,9 @@ def train(rc: RunConfig) -> dict:
 
     # ---- data pipeline ----
     try:
-        sampler = WindowSampler(ds.tokens("train", stream=rc.stream), rc.batch_size, rc.seq_len, rc.seed,
-                                rows=process_rows(rc.batch_size))
+        sampler = WindowSampler(
+            ds.tokens("train", stream=rc.stream), rc.batch_size, rc.seq_len, rc.seed, rows=process_rows(rc.batch_size)
+        )
     except ValueError as e:
         raise TrainError(str(e)) from None
     val = eval_batches(ds.tokens("val", stream=rc.stream), rc.batch_size, rc.seq_len, rc.eval_batches)
@@ -326,14 +359,28 @@ def train(rc: RunConfig) -> dict:
     peak = rc.peak_flops or (peak_flops_per_device(jax.devices()[0]) or 0) * n_dev or None
     flops_per_step = model_cfg.flops_per_token(rc.seq_len) * rc.batch_size * rc.seq_len
     logger = _Logger(out / "log.jsonl", main)
-    summary = {"run_dir": str(out), "start_step": start, "params": model_cfg.num_params(), "precision": precision,
-               "mesh": dict(mesh.shape)}
+    summary = {
+        "run_dir": str(out),
+        "start_step": start,
+        "params": model_cfg.num_params(),
+        "precision": precision,
+        "mesh": dict(mesh.shape),
+    }
 
     def meta_for(step):
-        return {"step": step, "data_position": step, "seed": rc.seed, "sampler": "window-v1",
-                "dataset": str(Path(rc.dataset).resolve()), "dataset_tokenizer_sha256": ds.tokenizer_hash,
-                "batch_size": rc.batch_size, "seq_len": rc.seq_len, "model_config": model_cfg.to_hf_dict(),
-                "run_config": dataclasses.asdict(rc), "time": time.time()}
+        return {
+            "step": step,
+            "data_position": step,
+            "seed": rc.seed,
+            "sampler": "window-v1",
+            "dataset": str(Path(rc.dataset).resolve()),
+            "dataset_tokenizer_sha256": ds.tokenizer_hash,
+            "batch_size": rc.batch_size,
+            "seq_len": rc.seq_len,
+            "model_config": model_cfg.to_hf_dict(),
+            "run_config": dataclasses.asdict(rc),
+            "time": time.time(),
+        }
 
     def save(step):
         path = ck.save_checkpoint(out, state, meta_for(step), keep=rc.keep)
@@ -352,9 +399,12 @@ def train(rc: RunConfig) -> dict:
 
     bar = tqdm(total=rc.steps, initial=start, desc="train", disable=not (rc.progress and main), dynamic_ncols=True)
     if main:
-        print(f"model {model_cfg.num_params() / 1e6:.2f}M params, vocab {model_cfg.vocab_size}, {precision}, "
-              f"mesh {dict(mesh.shape)}, {ds.num_tokens('train'):,} train tokens; "
-              f"{rc.batch_size}x{rc.seq_len} tokens/step", file=sys.stderr)
+        print(
+            f"model {model_cfg.num_params() / 1e6:.2f}M params, vocab {model_cfg.vocab_size}, {precision}, "
+            f"mesh {dict(mesh.shape)}, {ds.num_tokens('train'):,} train tokens; "
+            f"{rc.batch_size}x{rc.seq_len} tokens/step",
+            file=sys.stderr,
+        )
     prefetch = Prefetcher(lambda i: {"tokens": sampler.batch(i)}, put, start)
     pending: list[tuple[int, dict]] = []
     step = start
@@ -379,14 +429,22 @@ def train(rc: RunConfig) -> dict:
                     dt = max(now - t_last, 1e-9)
                     tps = (step - step_last) * rc.batch_size * rc.seq_len / dt
                     loss = float(np.mean([f["loss"] for f in fetched]))
-                    rec = {"step": step, "loss": loss, "lr": float(schedule(step - 1)),
-                           "grad_norm": float(fetched[-1]["grad_norm"]), "tokens_per_s": tps,
-                           "mfu": (flops_per_step * (step - step_last) / dt / peak) if peak else None,
-                           "elapsed_s": now - t0}
+                    rec = {
+                        "step": step,
+                        "loss": loss,
+                        "lr": float(schedule(step - 1)),
+                        "grad_norm": float(fetched[-1]["grad_norm"]),
+                        "tokens_per_s": tps,
+                        "mfu": (flops_per_step * (step - step_last) / dt / peak) if peak else None,
+                        "elapsed_s": now - t0,
+                    }
                     logger.log(rec)
                     summary["loss"] = loss
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}",
-                                    mfu=f"{rec['mfu']:.1%}" if rec["mfu"] is not None else "n/a")
+                    bar.set_postfix(
+                        loss=f"{loss:.4f}",
+                        tok_s=f"{tps:,.0f}",
+                        mfu=f"{rec['mfu']:.1%}" if rec["mfu"] is not None else "n/a",
+                    )
                     bar.update(step - bar.n)
                     pending.clear()
                     t_last, step_last = time.time(), step
@@ -438,7 +496,7 @@ def print_samples(params, model_cfg, tokenizer, rc: RunConfig) -> list[str]:
     import jax
 
     prompts = [rc.sample_prompt] if rc.sample_prompt else ["", "ROMEO:", "First Citizen:\n"]
-    prompts = (prompts * rc.samples)[:rc.samples]
+    prompts = (prompts * rc.samples)[: rc.samples]
     ids = [tokenizer.encode(p, add_bos=True) for p in prompts]
     params = jax.device_get(params)
     try:
@@ -446,8 +504,16 @@ def print_samples(params, model_cfg, tokenizer, rc: RunConfig) -> list[str]:
     except ImportError:
         print("smedjan.generate is not available in this checkout: no samples", file=sys.stderr)
         return []
-    outs = generate(params, model_cfg, ids, max_new_tokens=rc.sample_tokens, temperature=0.8, top_k=50,
-                    seed=rc.seed, eos_id=tokenizer.stop_ids)
+    outs = generate(
+        params,
+        model_cfg,
+        ids,
+        max_new_tokens=rc.sample_tokens,
+        temperature=0.8,
+        top_k=50,
+        seed=rc.seed,
+        eos_id=tokenizer.stop_ids,
+    )
     texts = []
     for p, o in zip(prompts, outs):
         text = p + tokenizer.decode(o, skip_special_tokens=True)

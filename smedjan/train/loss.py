@@ -142,8 +142,7 @@ def chunked_cross_entropy(hidden, weight, targets, *, chunk_size: int = 1024):
 
 def naive_cross_entropy(hidden, weight, targets):
     """Reference: full logits, then the same sum/count (for tests)."""
-    logits = jnp.einsum("bsd,vd->bsv", hidden, weight.astype(hidden.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bsd,vd->bsv", hidden, weight.astype(hidden.dtype), preferred_element_type=jnp.float32)
     valid = targets >= 0
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]

@@ -32,20 +32,21 @@ from smedjan.train.loss import chunked_cross_entropy
 @dataclass(frozen=True)
 class OptimConfig:
     """AdamW + schedule hyper-parameters (`make_optimizer` also takes a dict of these fields)."""
+
     lr: float = 3e-4
-    min_lr_ratio: float = 0.1          # final lr = lr · min_lr_ratio
+    min_lr_ratio: float = 0.1  # final lr = lr · min_lr_ratio
     warmup_steps: int = 100
     total_steps: int = 1000
-    schedule: str = "cosine"           # "cosine" | "wsd" (warmup-stable-decay) | "constant"
-    decay_fraction: float = 0.2        # wsd: share of steps spent decaying linearly at the end
+    schedule: str = "cosine"  # "cosine" | "wsd" (warmup-stable-decay) | "constant"
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying linearly at the end
     weight_decay: float = 0.1
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
-    clip_norm: float = 1.0             # global-norm gradient clipping (0 = off)
+    clip_norm: float = 1.0  # global-norm gradient clipping (0 = off)
 
     @classmethod
-    def from_any(cls, cfg) -> "OptimConfig":
+    def from_any(cls, cfg) -> OptimConfig:
         if isinstance(cfg, cls):
             return cfg
         if isinstance(cfg, dict):
@@ -57,6 +58,7 @@ class OptimConfig:
 
 class TrainState(NamedTuple):
     """A pytree: fp32 master params (flat HF-named dict), optax state, step (int32 scalar)."""
+
     params: dict
     opt_state: Any
     step: jax.Array
@@ -70,14 +72,20 @@ def make_schedule(cfg) -> optax.Schedule:
     if cfg.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warm, max(total, warm + 1), end_value=floor)
     if cfg.schedule == "constant":
-        return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, max(warm, 1)),
-                                     optax.constant_schedule(cfg.lr)], [warm])
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.lr, max(warm, 1)), optax.constant_schedule(cfg.lr)], [warm]
+        )
     if cfg.schedule == "wsd":
         decay = max(1, int(round(total * cfg.decay_fraction)))
         stable = max(0, total - warm - decay)
         return optax.join_schedules(
-            [optax.linear_schedule(0.0, cfg.lr, max(warm, 1)), optax.constant_schedule(cfg.lr),
-             optax.linear_schedule(cfg.lr, floor, decay)], [warm, warm + stable])
+            [
+                optax.linear_schedule(0.0, cfg.lr, max(warm, 1)),
+                optax.constant_schedule(cfg.lr),
+                optax.linear_schedule(cfg.lr, floor, decay),
+            ],
+            [warm, warm + stable],
+        )
     raise ValueError(f"schedule must be cosine, wsd or constant, got {cfg.schedule!r}")
 
 
@@ -95,8 +103,11 @@ def make_optimizer(cfg_train) -> optax.GradientTransformation:
     parts = []
     if cfg.clip_norm and cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    parts.append(
+        optax.adamw(
+            make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
+        )
+    )
     return optax.chain(*parts)
 
 
@@ -105,6 +116,7 @@ def _init_fn(model_cfg, optimizer, param_dtype):
     def init(key):
         params = init_params(model_cfg, key, param_dtype)
         return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
     return init
 
 
@@ -139,8 +151,9 @@ def split_batch(batch) -> tuple[jax.Array, jax.Array]:
     return batch["inputs"], batch["targets"]
 
 
-def speed_knobs(model_cfg: ModelConfig, remat: str = "auto", loss_chunk: int | None = None,
-                scan_unroll: int | bool | None = None) -> tuple[str, int, int | bool]:
+def speed_knobs(
+    model_cfg: ModelConfig, remat: str = "auto", loss_chunk: int | None = None, scan_unroll: int | bool | None = None
+) -> tuple[str, int, int | bool]:
     """Resolve remat="auto", loss_chunk=None and scan_unroll=None to the best measured setting.
 
     On an H100 (benchmarks/RESULTS.md, 125m at 16 x 1024, same run): remat "dots" with
@@ -157,19 +170,37 @@ def speed_knobs(model_cfg: ModelConfig, remat: str = "auto", loss_chunk: int | N
     if not loss_chunk:
         loss_chunk = 1024
         if gpu:
-            while loss_chunk * 2 * model_cfg.vocab_size * 4 <= 2 ** 31 and loss_chunk < 16384:
+            while loss_chunk * 2 * model_cfg.vocab_size * 4 <= 2**31 and loss_chunk < 16384:
                 loss_chunk *= 2
     if scan_unroll is None:
         scan_unroll = default_scan_unroll()
     return remat, loss_chunk, scan_unroll
 
 
-def loss_and_count(params, inputs, targets, model_cfg, *, attn_impl="auto", remat="auto",
-                   compute_dtype=jnp.bfloat16, loss_chunk=None, scan_unroll=None):
+def loss_and_count(
+    params,
+    inputs,
+    targets,
+    model_cfg,
+    *,
+    attn_impl="auto",
+    remat="auto",
+    compute_dtype=jnp.bfloat16,
+    loss_chunk=None,
+    scan_unroll=None,
+):
     """(sum of token losses, counted tokens) of one batch, via the chunked cross-entropy."""
     remat, loss_chunk, scan_unroll = speed_knobs(model_cfg, remat, loss_chunk, scan_unroll)
-    hidden = forward(params, inputs, model_cfg, attn_impl=attn_impl, remat=remat,
-                     compute_dtype=compute_dtype, return_hidden=True, scan_unroll=scan_unroll)
+    hidden = forward(
+        params,
+        inputs,
+        model_cfg,
+        attn_impl=attn_impl,
+        remat=remat,
+        compute_dtype=compute_dtype,
+        return_hidden=True,
+        scan_unroll=scan_unroll,
+    )
     return chunked_cross_entropy(hidden, lm_head(params, model_cfg), targets, chunk_size=loss_chunk)
 
 
@@ -183,6 +214,7 @@ def _traced_in(mesh, fn):
     def traced(*args):
         with mesh_context(mesh):
             return fn(*args)
+
     return traced
 
 
@@ -196,9 +228,20 @@ def _mesh_loss_chunk(model_cfg, loss_chunk, mesh):
     return speed_knobs(model_cfg)[1] * batch_divisor(mesh)
 
 
-def make_train_step(model_cfg: ModelConfig, optimizer, *, attn_impl: str = "auto", remat: str = "auto",
-                    compute_dtype=jnp.bfloat16, grad_accum: int = 1, loss_chunk: int | None = None, mesh=None,
-                    param_dtype=jnp.float32, donate: bool = True, scan_unroll: int | bool | None = None):
+def make_train_step(
+    model_cfg: ModelConfig,
+    optimizer,
+    *,
+    attn_impl: str = "auto",
+    remat: str = "auto",
+    compute_dtype=jnp.bfloat16,
+    grad_accum: int = 1,
+    loss_chunk: int | None = None,
+    mesh=None,
+    param_dtype=jnp.float32,
+    donate: bool = True,
+    scan_unroll: int | bool | None = None,
+):
     """A jitted `step(state, batch) -> (state, metrics)`.
 
     batch: {"tokens": int32 [B, S+1]} (inputs = tokens[:, :-1], targets = tokens[:, 1:]) or
@@ -214,14 +257,22 @@ def make_train_step(model_cfg: ModelConfig, optimizer, *, attn_impl: str = "auto
     if grad_accum < 1:
         raise ValueError("grad_accum must be >= 1")
     loss_chunk = _mesh_loss_chunk(model_cfg, loss_chunk, mesh)
-    lc = partial(loss_and_count, model_cfg=model_cfg, attn_impl=attn_impl, remat=remat,
-                 compute_dtype=compute_dtype, loss_chunk=loss_chunk, scan_unroll=scan_unroll)
+    lc = partial(
+        loss_and_count,
+        model_cfg=model_cfg,
+        attn_impl=attn_impl,
+        remat=remat,
+        compute_dtype=compute_dtype,
+        loss_chunk=loss_chunk,
+        scan_unroll=scan_unroll,
+    )
     micro_spec = None
     if mesh is not None:
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
         from smedjan.sharding import BATCH_AXES
+
         micro_spec = NamedSharding(mesh, P(None, BATCH_AXES, None))
 
     def scaled_loss(params, inputs, targets, denom):
@@ -272,20 +323,38 @@ def make_train_step(model_cfg: ModelConfig, optimizer, *, attn_impl: str = "auto
     st_sh = state_shardings(model_cfg, optimizer, mesh, param_dtype)
     rep = replicated(mesh)
     b_sh = batch_sharding(mesh)
-    return jax.jit(step, donate_argnums=donate_argnums, in_shardings=(st_sh, b_sh),
-                   out_shardings=(st_sh, {"loss": rep, "grad_norm": rep, "tokens": rep}))
+    return jax.jit(
+        step,
+        donate_argnums=donate_argnums,
+        in_shardings=(st_sh, b_sh),
+        out_shardings=(st_sh, {"loss": rep, "grad_norm": rep, "tokens": rep}),
+    )
 
 
-def make_eval_step(model_cfg: ModelConfig, *, attn_impl: str = "auto", compute_dtype=jnp.bfloat16,
-                   loss_chunk: int | None = None, mesh=None, param_dtype=jnp.float32):
+def make_eval_step(
+    model_cfg: ModelConfig,
+    *,
+    attn_impl: str = "auto",
+    compute_dtype=jnp.bfloat16,
+    loss_chunk: int | None = None,
+    mesh=None,
+    param_dtype=jnp.float32,
+):
     """Jitted `eval(params, batch) -> (loss_sum, count)` (same batch formats as the train step)."""
 
     loss_chunk = _mesh_loss_chunk(model_cfg, loss_chunk, mesh)
 
     def ev(params, batch):
         inputs, targets = split_batch(batch)
-        return loss_and_count(params, inputs.astype(jnp.int32), targets.astype(jnp.int32), model_cfg,
-                              attn_impl=attn_impl, compute_dtype=compute_dtype, loss_chunk=loss_chunk)
+        return loss_and_count(
+            params,
+            inputs.astype(jnp.int32),
+            targets.astype(jnp.int32),
+            model_cfg,
+            attn_impl=attn_impl,
+            compute_dtype=compute_dtype,
+            loss_chunk=loss_chunk,
+        )
 
     ev = _traced_in(mesh, ev)
     if mesh is None:
