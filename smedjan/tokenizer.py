@@ -100,6 +100,12 @@ class Tokenizer:
         return self._tk.get_vocab_size(with_added_tokens=True)
 
     @property
+    def max_token_chars(self) -> int:
+        """The longest vocabulary entry in characters: no token stands for more text than that (a
+        byte-level entry has one character per byte), which bounds a text's token count from below."""
+        return max(len(t) for t in self._tk.get_vocab(with_added_tokens=True))
+
+    @property
     def hash(self) -> str | None:
         return file_sha256(self.path / "tokenizer.json") if self.path else None
 

@@ -264,6 +264,122 @@ def test_malformed_requests_get_4xx_and_server_keeps_serving(server, client):
     assert out.choices[0].finish_reason == "length"
 
 
+# Every sampling field out of range (or of the wrong type): 400 naming the field, before the engine.
+OUT_OF_RANGE = [
+    ("top_k", 10**12),
+    ("top_k", -2),
+    ("top_k", 2.5),
+    ("seed", 2**70),
+    ("seed", "7"),
+    ("temperature", 2.5),
+    ("temperature", -0.1),
+    ("top_p", -0.1),
+    ("min_p", 1.5),
+    ("repetition_penalty", 0),
+    ("repetition_penalty", 11),
+    ("presence_penalty", -2.5),
+    ("frequency_penalty", 1e300),
+    ("max_tokens", 2**40),
+    ("n", 17),
+    ("n", 0),
+    ("logprobs", -1),
+    ("logprobs", 6),
+    ("stop", ["x"] * 17),
+    ("stop", ["x" * 2000]),
+    ("stop", [1]),
+    ("stop_token_ids", [-1]),
+    ("stop_token_ids", [2**40]),
+    ("stop_token_ids", list(range(65))),
+    ("logit_bias", {"abc": 1}),
+    ("logit_bias", {"5": 1000}),
+    ("logit_bias", {"5": "x"}),
+    ("logit_bias", [1, 2]),
+    ("logit_bias", {"5": 1}),  # well-formed, but the sampler has no bias
+    ("best_of", 3),
+    ("user", 5),
+    ("ignore_eos", "yes"),
+]
+CHAT_OUT_OF_RANGE = [("top_logprobs", 21), ("top_logprobs", -1), ("max_completion_tokens", 0)]
+
+
+def test_out_of_range_fields_are_400_naming_the_field(server):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    cases = [("/v1/completions", {"prompt": "hi"}, f, v) for f, v in OUT_OF_RANGE]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}
+    cases += [("/v1/chat/completions", chat, f, v) for f, v in OUT_OF_RANGE + CHAT_OUT_OF_RANGE if f != "logprobs"]
+    with httpx.Client(base_url=server["base"], timeout=30, headers=headers) as h:
+        for path, base, name, value in cases:
+            r = h.post(path, json={"model": MODEL, **base, name: value})
+            assert r.status_code == 400, (path, name, value, r.status_code, r.text)
+            assert r.json()["error"]["param"] == name, (path, name, value, r.json())
+
+
+RAW_BAD_BODIES = [
+    # (raw body, error param): lone surrogates, nesting, non-standard constants, huge integers, not UTF-8
+    (b'{"model": "tiny", "prompt": "ROMEO \\ud800"}', "prompt"),
+    (b'{"model": "tiny", "prompt": ["ok", "\\udfff x"]}', "prompt[1]"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0].content"),
+    (
+        b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "a\\udbff"}]}]}',
+        "messages[0].content[0].text",
+    ),
+    (b"[" * 100_000 + b"]" * 100_000, None),
+    (b'{"model": "tiny", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
+    (b'{"model": "tiny", "prompt": "x", "temperature": NaN}', None),
+    (b'{"model": "tiny", "prompt": "x", "seed": ' + b"9" * 5000 + b"}", None),
+    (b'{"model": "tiny", "prompt": "\xff\xfe"}', None),
+]
+
+
+def test_surrogates_nesting_and_bad_json_are_400(server):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    with httpx.Client(base_url=server["base"], timeout=30, headers=headers) as h:
+        for raw, param in RAW_BAD_BODIES:
+            path = "/v1/chat/completions" if b"messages" in raw else "/v1/completions"
+            r = h.post(path, content=raw)
+            assert r.status_code == 400, (raw[:80], r.status_code, r.text[:300])
+            assert r.json()["error"]["param"] == param, (raw[:80], r.json())
+        # a surrogate *pair* is an ordinary character
+        r = h.post("/v1/completions", content=b'{"model": "tiny", "prompt": "a \\ud83d\\ude00", "max_tokens": 2}')
+        assert r.status_code == 200, r.text
+
+
+def test_body_size_limit_is_413_before_parsing(server):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    big = b'{"model": "tiny", "prompt": "' + b"a" * (5 * 1024 * 1024) + b'"}'
+    with httpx.Client(base_url=server["base"], timeout=60, headers=headers) as h:
+        r = h.post("/v1/completions", content=big)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+        def chunks():  # no Content-Length: the limit holds while reading
+            for i in range(0, len(big), 1 << 16):
+                yield big[i : i + (1 << 16)]
+
+        r = h.post("/v1/completions", content=chunks())
+        assert r.status_code == 413
+
+
+def test_overlong_prompt_is_refused_without_tokenising(server, monkeypatch):
+    tok = server["tok"]
+    seen = []
+    encode = tok.encode
+
+    def spy(text, *a, **kw):
+        seen.append(len(text))
+        return encode(text, *a, **kw)
+
+    monkeypatch.setattr(tok, "encode", spy)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    prompt = "Once upon a time " * 60_000  # ~1 MB, far past a 64-token context
+    with httpx.Client(base_url=server["base"], timeout=60, headers=headers) as h:
+        r = h.post("/v1/completions", json={"model": MODEL, "prompt": prompt})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": prompt}]}
+        r = h.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert all(n < 100_000 for n in seen), seen
+
+
 def test_queue_full_is_429(checkpoint):
     cfg, params = load_hf(checkpoint)
     tok = load_tokenizer(checkpoint)

@@ -3,8 +3,13 @@
 GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
 (non-streaming, and SSE streaming ending with `data: [DONE]`). Every error is an
 OpenAI-style JSON body {"error": {"message", "type", "param", "code"}}: 400 for bad
-input, 401 for a bad API key, 429 when the engine's queue is full. A client that
-disconnects has its requests cancelled, freeing their batch slots.
+input, 401 for a bad API key, 413 for a body over `max_body_bytes` (checked while reading, before
+any parsing), 429 when the engine's queue is full. A client that disconnects has its requests
+cancelled, freeing their batch slots.
+
+Parsing, chat templating and tokenising run in worker threads, so a large request never stalls
+the event loop (the streams of others, /health); a prompt longer in characters than the context
+could hold is refused before it is tokenised at all.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from smedjan.generate import decode_text
@@ -29,10 +35,38 @@ def _error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
-def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    too_big = APIError(413, f"The request body exceeds {limit} bytes.", None, "request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(
+    engine: Engine,
+    tokenizer,
+    model_name: str,
+    api_key: str | None = None,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
     app = FastAPI(title="smedjan", docs_url=None, redoc_url=None)
     created = int(time.time())
     app.state.engine = engine
+    # `chars > context * this` proves a prompt too long without tokenising it (doubled for
+    # normalisers that compose characters, which can make the text shorter than its tokens say).
+    chars_per_token = 2 * tokenizer.max_token_chars if hasattr(tokenizer, "max_token_chars") else None
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -93,16 +127,27 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = parse_completion(parse_json(await request.body()))
-        return await _serve(request, req)
+        raw = await read_body(request, max_body_bytes)
+        return await _serve(request, await run_in_threadpool(lambda: parse_completion(parse_json(raw))))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_chat(parse_json(await request.body()))
-        return await _serve(request, req)
+        raw = await read_body(request, max_body_bytes)
+        return await _serve(request, await run_in_threadpool(lambda: parse_chat(parse_json(raw))))
 
     # ---- shared machinery ----------------------------------------------------------------------
+    def _check_chars(n_chars: int, param: str):
+        if chars_per_token is not None and n_chars > engine.max_seq_len * chars_per_token:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {engine.max_seq_len} tokens. However, your "
+                f"{param} has {n_chars} characters, more than that many tokens can hold.",
+                param,
+                "context_length_exceeded",
+            )
+
     def _encode(req: GenRequest) -> list[list[int]]:
+        """Token ids per prompt; blocking work (templating, tokenising): call it in a thread."""
         if req.model != model_name:
             raise APIError(
                 400,
@@ -111,6 +156,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 "model_not_found",
             )
         if req.chat:
+            _check_chars(sum(len(m["content"]) for m in req.messages), "messages")
             try:
                 text = tokenizer.apply_chat_template(req.messages, add_generation_prompt=True)
             except Exception as e:  # template errors (raise_exception in the template, bad roles...)
@@ -118,6 +164,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             return [tokenizer.encode(text, add_bos=False)]
         out = []
         for p in req.prompts:
+            if isinstance(p, str):
+                _check_chars(len(p), "prompt")
             ids = tokenizer.encode(p, add_bos=True) if isinstance(p, str) else p
             if any(not 0 <= t < engine.cfg.vocab_size for t in ids):
                 raise APIError(400, f"token ids must be in [0, {engine.cfg.vocab_size})", "prompt", "invalid_value")
@@ -192,7 +240,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
     async def _serve(request: Request, req: GenRequest):
-        prompt_ids = _encode(req)
+        prompt_ids = await run_in_threadpool(_encode, req)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 

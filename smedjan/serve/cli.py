@@ -61,13 +61,15 @@ def _cmd_serve(args):
         raise UserError(f"serving needs fastapi and uvicorn ({e})") from None
     if args.max_batch < 1:
         raise UserError("--max-batch must be at least 1")
+    if args.max_body_bytes < 1024:
+        raise UserError("--max-body-bytes must be at least 1024")
     folder, cfg, params, tok, max_seq_len, stops = _load(args)
     engine = _engine(args, cfg, params, tok, max_seq_len, stops, args.max_batch).start()
     name = args.model_name or Path(str(args.model).rstrip("/")).name
     if not args.no_warmup:
         print("compiling... ", end="", file=sys.stderr, flush=True)
         print(f"{_warmup(engine, tok):.1f}s", file=sys.stderr)
-    app = create_app(engine, tok, name, api_key=args.api_key)
+    app = create_app(engine, tok, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     print(
         f"serving {name} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, context {max_seq_len})",
         file=sys.stderr,
@@ -184,6 +186,12 @@ def register(subparsers):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=64, help="concurrent sequences (KV cache slots)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="larger request bodies get 413 before they are parsed",
+    )
     p.add_argument("--model-name", default=None, help="model id clients use (default: the folder name)")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--log-level", default="warning")
