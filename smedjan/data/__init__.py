@@ -160,7 +160,7 @@ class TokenDataset:
         if self.header.get("format") != FORMAT:
             raise DataError(f"{path}: unknown format {self.header.get('format')!r}")
         self.dtype = np.dtype(self.header["dtype"])
-        for s, info in self.header["splits"].items():
+        for info in self.header["splits"].values():
             f = self.folder / info["file"]
             expected = info["tokens"] * self.dtype.itemsize
             if not f.is_file() or f.stat().st_size != expected:
