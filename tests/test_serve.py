@@ -44,6 +44,24 @@ def checkpoint(tmp_path_factory):
     return folder
 
 
+def _run_app(app):
+    """Serve `app` with uvicorn on a free loopback port in a thread; returns (base url, stop)."""
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+
+    def stop():
+        srv.should_exit = True
+        thread.join(10)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
 @pytest.fixture(scope="module")
 def server(checkpoint):
     cfg, params = load_hf(checkpoint)
@@ -59,19 +77,9 @@ def server(checkpoint):
         stop_token_ids=stop_ids_for(checkpoint, cfg, tok),
         min_kv_bucket=MAX_SEQ,
     ).start()
-    app = create_app(engine, tok, MODEL, api_key=API_KEY)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
+    base, stop = _run_app(create_app(engine, tok, MODEL, api_key=API_KEY))
     yield {"base": base, "engine": engine, "tok": tok, "cfg": cfg}
-    srv.should_exit = True
-    thread.join(10)
+    stop()
     engine.shutdown()
 
 
@@ -314,6 +322,79 @@ def test_out_of_range_fields_are_400_naming_the_field(server):
             assert r.json()["error"]["param"] == name, (path, name, value, r.json())
 
 
+def test_faults_in_one_request_leave_the_others_running(server, client, monkeypatch):
+    """Out-of-range values and requests that fault inside the engine (a prefill that raises, a
+    row whose text stream raises mid-decode, a top_k past int32 given through the Python API)
+    while other requests stream: those others finish with exactly their normal outputs."""
+    engine = server["engine"]
+    prompts = [f"Tale {i}: the smith {'forged ' * (i % 3)}a" for i in range(4)]
+    kw = dict(model=MODEL, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+
+    def complete(p):
+        return client.completions.create(prompt=p, **kw).choices[0].text
+
+    normal = [complete(p) for p in prompts]
+
+    prefill_fault, decode_fault = [3, 7, 7, 7, 3], [3, 9, 9, 9, 3]
+    prefill, on_token, step = engine.runner.prefill, engine._on_token, engine.runner.step
+
+    def faulty_prefill(slots, prompt_ids, *a, **k):
+        if prompt_ids[0] == prefill_fault:
+            raise RuntimeError("injected prefill fault")
+        return prefill(slots, prompt_ids, *a, **k)
+
+    def faulty_on_token(slot, row, out):
+        r = engine.slots[slot]
+        if r.prompt_ids == decode_fault and r.n_generated == 2:
+            raise RuntimeError("injected decode fault")
+        return on_token(slot, row, out)
+
+    def slow_step(active, top_n=0, n_steps=1):  # keeps the streams in flight during the barrage
+        time.sleep(0.03 * n_steps)
+        return step(active, top_n=top_n, n_steps=n_steps)
+
+    monkeypatch.setattr(engine.runner, "prefill", faulty_prefill)
+    monkeypatch.setattr(engine, "_on_token", faulty_on_token)
+    monkeypatch.setattr(engine.runner, "step", slow_step)
+
+    streaming = threading.Semaphore(0)
+
+    def stream(p):
+        out, first = [], True
+        for c in client.completions.create(prompt=p, stream=True, **kw):
+            if first:
+                streaming.release()
+                first = False
+            out += [c.choices[0].text] if c.choices else []
+        return "".join(out)
+
+    def barrage():
+        for _ in prompts:
+            assert streaming.acquire(timeout=120)
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        codes = []
+        with httpx.Client(base_url=server["base"], timeout=60, headers=headers) as h:
+            for name, value in OUT_OF_RANGE:
+                codes.append(h.post("/v1/completions", json={"model": MODEL, "prompt": "x", name: value}).status_code)
+            for ids in (prefill_fault, decode_fault):
+                body = {"model": MODEL, "prompt": ids, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+                r = h.post("/v1/completions", json=body)
+                codes.append((r.status_code, r.json()["error"]["code"], r.json()["error"]["message"]))
+        with pytest.raises(RuntimeError, match="OverflowError"):
+            engine.submit([3, 4, 5], SamplingParams(max_new_tokens=4, temperature=1.0, top_k=10**12)).result()
+        return codes
+
+    with ThreadPoolExecutor(len(prompts) + 1) as pool:
+        streams = [pool.submit(stream, p) for p in prompts]
+        codes = pool.submit(barrage).result()
+        assert [f.result() for f in streams] == normal
+    assert codes[: len(OUT_OF_RANGE)] == [400] * len(OUT_OF_RANGE)
+    assert codes[-2] == (503, "generation_failed", "generation failed: RuntimeError: injected prefill fault")
+    assert codes[-1] == (503, "generation_failed", "generation failed: RuntimeError: injected decode fault")
+    assert [complete(p) for p in prompts] == normal  # and the engine serves on
+    _wait_idle(engine)
+
+
 RAW_BAD_BODIES = [
     # (raw body, error param): lone surrogates, nesting, non-standard constants, huge integers, not UTF-8
     (b'{"model": "tiny", "prompt": "ROMEO \\ud800"}', "prompt"),
@@ -378,6 +459,48 @@ def test_overlong_prompt_is_refused_without_tokenising(server, monkeypatch):
         r = h.post("/v1/chat/completions", json=chat)
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     assert all(n < 100_000 for n in seen), seen
+
+
+def test_browser_safety(server):
+    engine, key = server["engine"], {"Authorization": f"Bearer {API_KEY}"}
+    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2}).encode()
+    before = engine.tokens_generated
+    with httpx.Client(base_url=server["base"], timeout=30) as h:
+        # A cross-origin "simple" POST (text/plain needs no preflight) is not executed.
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", None):
+            headers = {**key, **({"Content-Type": ctype} if ctype else {})}
+            r = h.post("/v1/completions", content=body, headers={**headers, "Origin": "http://evil.example"})
+            assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
+            assert "access-control-allow-origin" not in r.headers
+        assert engine.tokens_generated == before
+        r = h.post("/v1/completions", content=body, headers={**key, "Content-Type": "application/json; charset=utf-8"})
+        assert r.status_code == 200
+        # With a key: the schema needs it, and /health tells a stranger only that it is alive.
+        assert h.get("/openapi.json").status_code == 401
+        assert h.get("/openapi.json", headers=key).status_code == 200
+        assert h.get("/health").json() == {"status": "ok"}
+        assert h.get("/health", headers=key).json()["model"] == MODEL
+
+    # Opt-in CORS and allowed hosts, through a second app over the same engine (no key).
+    app = create_app(engine, server["tok"], MODEL, cors_origins=("http://good.example",), allowed_hosts=("127.0.0.1",))
+    base, stop = _run_app(app)
+    try:
+        with httpx.Client(base_url=base, timeout=30) as h:
+            pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+            r = h.options("/v1/completions", headers={**pre, "Origin": "http://good.example"})
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://good.example"
+            r = h.options("/v1/completions", headers={**pre, "Origin": "http://evil.example"})
+            assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+            r = h.post(
+                "/v1/completions",
+                content=body,
+                headers={"Content-Type": "application/json", "Origin": "http://good.example"},
+            )
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://good.example"
+            assert h.get("/health", headers={"Host": "rebound.example"}).status_code == 400
+            assert h.get("/health").json()["model"] == MODEL  # no key configured: nothing to hide
+    finally:
+        stop()
 
 
 def test_queue_full_is_429(checkpoint):

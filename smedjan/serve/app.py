@@ -3,9 +3,15 @@
 GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
 (non-streaming, and SSE streaming ending with `data: [DONE]`). Every error is an
 OpenAI-style JSON body {"error": {"message", "type", "param", "code"}}: 400 for bad
-input, 401 for a bad API key, 413 for a body over `max_body_bytes` (checked while reading, before
+input, 401 for a bad API key, 415 for a POST body that is not application/json, 413 for a body over `max_body_bytes` (checked while reading, before
 any parsing), 429 when the engine's queue is full. A client that disconnects has its requests
 cancelled, freeing their batch slots.
+
+Browser safety: a page on another origin can make a browser send a "simple" POST (text/plain,
+no preflight) to a server on localhost; requiring application/json forces a CORS preflight,
+which fails unless the origin was allowed with `cors_origins`. `allowed_hosts` refuses other
+Host headers (DNS rebinding). With an API key, every route but /health needs it (the OpenAPI
+schema too), and /health says no more than "ok" to a caller without it.
 
 Parsing, chat templating and tokenising run in worker threads, so a large request never stalls
 the event loop (the streams of others, /health); a prompt longer in characters than the context
@@ -21,6 +27,8 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -39,7 +47,11 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    """The JSON request body, refused with 415 unless declared application/json and with 413 as
+    soon as it is known to exceed `limit` bytes."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise APIError(415, f"Content-Type must be application/json, got {ctype!r}", None, "unsupported_media_type")
     too_big = APIError(413, f"The request body exceeds {limit} bytes.", None, "request_too_large")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -60,6 +72,8 @@ def create_app(
     api_key: str | None = None,
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    cors_origins: tuple[str, ...] = (),
+    allowed_hosts: tuple[str, ...] = (),
 ) -> FastAPI:
     app = FastAPI(title="smedjan", docs_url=None, redoc_url=None)
     created = int(time.time())
@@ -93,17 +107,34 @@ def create_app(
     async def _unexpected(request, e):
         return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", None, "internal_error"))
 
+    def _authorised(request: Request) -> bool:
+        if not api_key:
+            return True
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else None
+        return token is not None and secrets.compare_digest(token.encode(), api_key.encode())
+
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            token = header[7:] if header.lower().startswith("bearer ") else None
-            if token is None or not secrets.compare_digest(token.encode(), api_key.encode()):
-                return _error_response(APIError(401, "Incorrect API key provided.", None, "invalid_api_key"))
+        if request.url.path != "/health" and not _authorised(request):
+            return _error_response(APIError(401, "Incorrect API key provided.", None, "invalid_api_key"))
         return await call_next(request)
 
+    # Added after _auth, so they run before it: a CORS preflight carries no key.
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    if allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
+        if not _authorised(request):
+            return {"status": "ok"}
         return {"status": "ok", "model": model_name, "active": engine.num_active, "queued": engine.num_queued}
 
     def _model_card():

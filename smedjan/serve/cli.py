@@ -69,7 +69,15 @@ def _cmd_serve(args):
     if not args.no_warmup:
         print("compiling... ", end="", file=sys.stderr, flush=True)
         print(f"{_warmup(engine, tok):.1f}s", file=sys.stderr)
-    app = create_app(engine, tok, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    app = create_app(
+        engine,
+        tok,
+        name,
+        api_key=args.api_key,
+        max_body_bytes=args.max_body_bytes,
+        cors_origins=tuple(args.cors_origin or ()),
+        allowed_hosts=tuple(args.allowed_host or ()),
+    )
     print(
         f"serving {name} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, context {max_seq_len})",
         file=sys.stderr,
@@ -191,6 +199,18 @@ def register(subparsers):
         type=int,
         default=4 * 1024 * 1024,
         help="larger request bodies get 413 before they are parsed",
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="let browser pages from this origin call the API, e.g. http://localhost:3000 (repeatable; default: none)",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="HOST",
+        help="answer only requests whose Host header is this (repeatable; '*.example.com' allowed; default: any)",
     )
     p.add_argument("--model-name", default=None, help="model id clients use (default: the folder name)")
     p.add_argument("--no-warmup", action="store_true")

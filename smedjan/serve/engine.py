@@ -242,18 +242,17 @@ class Engine:
                     admits.append((free.pop(0), r))
             try:
                 for slot, r in admits:
-                    self._prefill(slot, r)
+                    try:
+                        self._prefill(slot, r)
+                    except Exception as e:
+                        self._fail_row(r, e)
                 self._reap_cancelled()
                 if self.num_active:
                     self._decode()
-            except Exception as e:  # never let one bad step kill the server
+            except Exception as e:  # the batched step itself failed: no one row to blame
                 log.exception("engine step failed; failing the running requests and resetting the cache")
-                for i, r in enumerate(self.slots):
-                    if r is not None:
-                        self._finish(r, "error", error=f"generation failed: {type(e).__name__}: {e}")
-                for slot, r in admits:
-                    if not r.finished.is_set():
-                        self._finish(r, "error", error=f"generation failed: {type(e).__name__}: {e}")
+                for r in [r for r in self.slots if r is not None] + [r for _, r in admits]:
+                    self._finish(r, "error", error=f"generation failed: {type(e).__name__}: {e}")
                 self.runner.reset()
         # Shutdown: whoever is still waiting gets an error event.
         for r in list(self._pending) + [r for r in self.slots if r is not None]:
@@ -272,8 +271,17 @@ class Engine:
         out = jax.device_get(out)
         self._on_token(slot, 0, out)
 
+    def _fail_row(self, r: Request, e: Exception):
+        """Finish one request whose own work failed (its prefill, its sampling parameters, its text
+        stream), leaving the other rows running. Only when the failure took the shared device state
+        with it (donated buffers gone) is there nothing left to run on: then it is everyone's."""
+        log.error("request %d failed: %s: %s", r.id, type(e).__name__, e, exc_info=e)
+        self._finish(r, "error", error=f"generation failed: {type(e).__name__}: {e}")
+        if any(x.is_deleted() for x in jax.tree.leaves(self.runner.state) if isinstance(x, jax.Array)):
+            raise e
+
     def _reap_cancelled(self):
-        for i, r in enumerate(self.slots):
+        for r in self.slots:
             if r is not None and r.cancelled.is_set():
                 self._finish(r, "cancelled")
 
@@ -299,7 +307,10 @@ class Engine:
             step_out = {name: v[j] for name, v in out.items()}
             for i, r in running:
                 if self.slots[i] is r:  # not finished earlier in this chunk, nor cancelled
-                    self._on_token(i, i, step_out)
+                    try:
+                        self._on_token(i, i, step_out)
+                    except Exception as e:
+                        self._fail_row(r, e)
 
     def _on_token(self, slot: int, row: int, out: dict):
         r = self.slots[slot]
