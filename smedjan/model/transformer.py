@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from smedjan.config import ModelConfig
+from smedjan.model import lora
 from smedjan.model.attention import attention
 from smedjan.model.rope import apply_rope, rope_cos_sin
 
@@ -99,6 +100,18 @@ def linear(x, w, b=None):
     return y if b is None else y + b.astype(x.dtype)
 
 
+def project(x, p, name):
+    """Layer projection `name` ("mlp.down_proj") of x, plus its LoRA update when the params carry one."""
+    y = linear(x, p[f"{name}.weight"], p.get(f"{name}.bias"))
+    d = lora.delta(x, p, name)
+    return y if d is None else y + d
+
+
+def _plus_lora(y, x, p, name):
+    d = lora.delta(x, p, name)
+    return y if d is None else y + d.reshape(y.shape)
+
+
 FUSE_PROJECTIONS: bool | None = None  # None: on GPU only (see _fuse)
 
 
@@ -119,7 +132,8 @@ def fuse_layer_weights(layers: dict, cfg: ModelConfig, dtype) -> dict:
     projections XLA merges their weight-gradient GEMMs itself (they share x) and first copies the
     cotangents into one activation-sized buffer; joined, the backward writes them in one pass.
     """
-    layers = {k: v.astype(dtype) for k, v in layers.items()}
+    # LoRA dropout keys are integers: only floating tensors take the compute dtype
+    layers = {k: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in layers.items()}
     if not _fuse():
         return layers
     hkv, hd = cfg.num_key_value_heads, cfg.head_dim
@@ -139,12 +153,12 @@ def fuse_layer_weights(layers: dict, cfg: ModelConfig, dtype) -> dict:
 def mlp(x, p):
     if "gate_up" in p:
         gu = jnp.einsum("...d,kfd->...kf", x, p["gate_up"].astype(x.dtype))
-        gate, up = gu[..., 0, :], gu[..., 1, :]
+        gate, up = _plus_lora(gu[..., 0, :], x, p, "mlp.gate_proj"), _plus_lora(gu[..., 1, :], x, p, "mlp.up_proj")
     else:
-        gate, up = linear(x, p["mlp.gate_proj.weight"]), linear(x, p["mlp.up_proj.weight"])
+        gate, up = project(x, p, "mlp.gate_proj"), project(x, p, "mlp.up_proj")
     # Named so a remat policy can keep the SwiGLU product (re-deriving it reads all of gate and up).
     act = checkpoint_name(jax.nn.silu(gate) * up, "mlp_act")
-    return linear(act, p["mlp.down_proj.weight"])
+    return project(act, p, "mlp.down_proj")
 
 
 def qkv_proj(x, p, cfg: ModelConfig):
@@ -153,8 +167,7 @@ def qkv_proj(x, p, cfg: ModelConfig):
     if "qkv" not in p:
 
         def proj(n, heads):
-            y = linear(x, p[f"self_attn.{n}_proj.weight"], p.get(f"self_attn.{n}_proj.bias"))
-            return y.reshape(*x.shape[:-1], heads, hd)
+            return project(x, p, f"self_attn.{n}_proj").reshape(*x.shape[:-1], heads, hd)
 
         return proj("q", hq), proj("k", hkv), proj("v", hkv)
 
@@ -162,7 +175,13 @@ def qkv_proj(x, p, cfg: ModelConfig):
     if "qkv_bias" in p:
         y = y + p["qkv_bias"].astype(x.dtype)
     q, k, v = jnp.split(y, [hq // hkv, hq // hkv + 1], axis=-2)
-    return q.reshape(*q.shape[:-3], hq, hd), k[..., 0, :], v[..., 0, :]
+    q = q.reshape(*q.shape[:-3], hq, hd)
+    k, v = k[..., 0, :], v[..., 0, :]
+    return (
+        _plus_lora(q, x, p, "self_attn.q_proj"),
+        _plus_lora(k, x, p, "self_attn.k_proj"),
+        _plus_lora(v, x, p, "self_attn.v_proj"),
+    )
 
 
 def self_attention(x, p, cfg: ModelConfig, cos, sin, q_pos, cache_kv, segment_ids, impl):
@@ -201,7 +220,7 @@ def self_attention(x, p, cfg: ModelConfig, cos, sin, q_pos, cache_kv, segment_id
         new_cache = (ck, cv)
     # Named so a remat policy can keep it: the attention kernel is then not re-run in the backward.
     out = checkpoint_name(out.reshape(b, s, cfg.num_attention_heads * hd), "attn_out")
-    return linear(out, p["self_attn.o_proj.weight"], p.get("self_attn.o_proj.bias")), new_cache
+    return project(out, p, "self_attn.o_proj"), new_cache
 
 
 def decoder_layer(x, p, cfg, cos, sin, q_pos, cache_kv, segment_ids, impl):
