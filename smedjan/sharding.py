@@ -119,6 +119,10 @@ def mesh_context(mesh: Mesh | None):
 
 def initialize_distributed() -> None:
     """`jax.distributed.initialize()` from JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID if set."""
+    try:  # collectives between CPU devices of different processes (the default runs only within one)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, ValueError):
+        pass
     addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if addr:
         kwargs = dict(

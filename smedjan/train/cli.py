@@ -182,6 +182,12 @@ def add_train_args(p) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--out", default=S, help="run folder (checkpoints, log.jsonl, hf/)")
     g.add_argument("--resume", action="store_true", default=S, help="continue from the newest checkpoint in --out")
+    g.add_argument(
+        "--strict-resume",
+        action="store_true",
+        default=S,
+        help="with --resume: stop when the newest checkpoint is damaged instead of falling back to an older one",
+    )
     g.add_argument("--stop-after", type=int, default=S, help="stop (with a checkpoint) after this many steps")
     g.add_argument("--eval-every", type=int, default=S)
     g.add_argument("--eval-batches", type=int, default=S)
@@ -218,9 +224,7 @@ def run_export(args) -> int:
 
 def load_run_params(run_dir, step: int | None = None):
     """(params as numpy, ModelConfig, tokenizer folder or None, step) of a run's checkpoint."""
-    from safetensors import safe_open
-
-    from smedjan.config import ModelConfig
+    from smedjan.config import ConfigError, ModelConfig
     from smedjan.model.transformer import param_shapes
     from smedjan.train import checkpointing as ck
 
@@ -235,16 +239,14 @@ def load_run_params(run_dir, step: int | None = None):
         if not match:
             raise UserError(f"{run_dir}: no checkpoint for step {step}; have {[s for s, _ in found]}")
         path = match[0]
-    meta = ck.read_meta(path)
-    cfg = ModelConfig.from_hf_dict(meta["model_config"])
-    params = {}
-    with safe_open(str(path / "state.safetensors"), framework="numpy") as f:
-        for name, shape in param_shapes(cfg).items():
-            key = f".params['{name}']"
-            arr = f.get_tensor(key)
-            if tuple(arr.shape) != tuple(shape):
-                raise UserError(f"{path}: {name} has shape {arr.shape}, config expects {shape}")
-            params[name] = arr
+    try:
+        meta = ck.check_checkpoint(path)
+        if not isinstance(meta.get("model_config"), dict):
+            raise UserError(f"{path / ck.META}: no 'model_config' object")
+        cfg = ModelConfig.from_hf_dict(meta["model_config"])
+        params = ck.load_params(path, param_shapes(cfg), verify=False)
+    except (ck.CheckpointError, ConfigError, TypeError) as e:
+        raise UserError(str(e) if isinstance(e, ck.CheckpointError) else f"{path / ck.META}: {e}") from None
     tok_dir = run_dir / "tokenizer"
     return params, cfg, (tok_dir if (tok_dir / "tokenizer.json").is_file() else None), step
 

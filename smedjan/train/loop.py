@@ -74,6 +74,7 @@ class RunConfig:
     mesh: str | None = None
     distributed: bool = False
     resume: bool = False
+    strict_resume: bool = False  # a damaged newest checkpoint stops --resume instead of falling back
     stop_after: int | None = None
     peak_flops: float | None = None
     samples: int = 0
@@ -286,10 +287,10 @@ def train(rc: RunConfig) -> dict:
                 shutil.copy2(Path(rc.tokenizer) / name, tok_copy / name)
 
     # ---- model ----
-    latest = ck.latest_checkpoint(out) if rc.resume else None
-    if rc.resume and latest is None:
+    resuming = rc.resume and bool(ck.checkpoints(out))
+    if rc.resume and not resuming:
         print(f"--resume: no checkpoint in {out}/checkpoints, starting from scratch", file=sys.stderr)
-    if latest is not None and (out / "model_config.json").is_file():
+    if resuming and (out / "model_config.json").is_file():
         model_cfg = ModelConfig.from_json_file(out / "model_config.json")
     else:
         model_cfg = build_model_config(rc, tokenizer)
@@ -324,12 +325,16 @@ def train(rc: RunConfig) -> dict:
 
     # ---- state ----
     start = 0
-    if latest is not None:
+    restored = None
+    if resuming:
         template = jax.eval_shape(_init_fn(model_cfg, optimizer, jnp.float32), jax.random.key(rc.seed))
+        say = (lambda msg: print(msg, file=sys.stderr)) if main else (lambda msg: None)
         try:
-            state, meta = ck.load_checkpoint(latest, template, st_sh)
+            restored = ck.restore_latest(out, template, st_sh, strict=rc.strict_resume, say=say)
         except ck.CheckpointError as e:
             raise TrainError(str(e)) from None
+    if restored is not None:
+        state, meta, latest = restored
         start = int(meta["step"])
         if meta.get("dataset_tokenizer_sha256") not in (None, ds.tokenizer_hash):
             raise TrainError(f"{latest} was trained on data from another tokenizer than {rc.dataset}")
@@ -337,10 +342,11 @@ def train(rc: RunConfig) -> dict:
             print(f"--resume: the checkpoint used --seed {meta['seed']}, continuing with it", file=sys.stderr)
             rc.seed = int(meta["seed"])
         if main:
-            _truncate_log(out / "log.jsonl", start)
             print(f"resumed from {latest} (step {start}, data position {meta['data_position']})")
     else:
         state = init_train_state(model_cfg, jax.random.key(rc.seed), optimizer, mesh=mesh)
+    if main:  # records past the start are re-run now (also those of a run killed before its first checkpoint)
+        _truncate_log(out / "log.jsonl", start)
 
     # ---- data pipeline ----
     try:
@@ -382,9 +388,10 @@ def train(rc: RunConfig) -> dict:
             "time": time.time(),
         }
 
+    writer = ck.CheckpointWriter(out, keep=rc.keep)
+
     def save(step):
-        path = ck.save_checkpoint(out, state, meta_for(step), keep=rc.keep)
-        return path
+        return writer.save(state, meta_for(step))  # written in the background; `writer.close()` waits
 
     def run_eval(step):
         if not val:
@@ -459,6 +466,9 @@ def train(rc: RunConfig) -> dict:
                 if stop_now and not last:
                     stopped = True
                     break
+    except BaseException:
+        writer.close()
+        raise
     finally:
         prefetch.close()
         bar.close()
@@ -467,6 +477,7 @@ def train(rc: RunConfig) -> dict:
     summary["wall_s"] = time.time() - t0
     if stopped:
         path = save(step)
+        writer.close()
         logger.close()
         if main:
             print(f"stopped at step {step}; checkpoint {path}; continue with the same command plus --resume")
@@ -476,19 +487,32 @@ def train(rc: RunConfig) -> dict:
 
     vl = run_eval(step)
     path = save(step)
+    params = _host_params(state.params) if (rc.export or rc.samples) else None
+    writer.close()
     summary["checkpoint"] = str(path)
     if main and vl is not None:
         print(f"step {step}: val loss {vl:.4f}, perplexity {math.exp(min(vl, 50)):.2f}")
     if rc.export and main:
         from smedjan.checkpoint import save_hf
 
-        hf = save_hf(out / "hf", model_cfg, jax.device_get(state.params), tokenizer_dir=tok_copy)
+        hf = save_hf(out / "hf", model_cfg, params, tokenizer_dir=tok_copy)
         summary["hf_dir"] = str(hf)
         print(f"saved Hugging Face folder {hf}")
     if rc.samples and main:
-        summary["samples"] = print_samples(state.params, model_cfg, tokenizer, rc)
+        summary["samples"] = print_samples(params, model_cfg, tokenizer, rc)
     logger.close()
     return summary
+
+
+def _host_params(params) -> dict:
+    """The parameters as numpy on every process (multi-host: gathered, which every process must call)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(params, tiled=True)
+    return jax.device_get(params)
 
 
 def print_samples(params, model_cfg, tokenizer, rc: RunConfig) -> list[str]:
