@@ -26,6 +26,7 @@ import re
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -170,6 +171,7 @@ class CheckpointWriter:
     `save` returns once the arrays are copied off the devices, so the next step can run (and donate
     its buffers); one save is in flight at a time, and `wait` (or the next `save`) re-raises what
     went wrong in it. Call `close` before the process ends: it waits for the last save.
+    `seconds` of the newest save: "blocking" (the training thread's stall), "total" (until on disk).
     """
 
     def __init__(self, run_dir: str | os.PathLike, keep: int = 3, asynchronous: bool = True):
@@ -183,6 +185,7 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_step: int | None = None
+        self.seconds: dict[str, float] = {}
 
     def save(self, state, meta: dict) -> Path:
         step = int(meta["step"])
@@ -190,18 +193,21 @@ class CheckpointWriter:
         if step == self.last_step:  # e.g. a stop right after a periodic save: it is already written
             return final
         self.wait()
+        t0 = time.perf_counter()
         tmp = self.root / f"step_{step:08d}.tmp"
         if jax.process_index() == 0 and tmp.exists():
             shutil.rmtree(tmp)  # the remains of an interrupted save (before orbax creates anything in it)
         self._orbax.save(tmp / STATE, args=self._ocp.args.StandardSave(state))
         self.last_step = step
-        self._thread = threading.Thread(target=self._finish, args=(tmp, final, dict(meta)), daemon=False)
+        self.seconds = {}
+        self._thread = threading.Thread(target=self._finish, args=(tmp, final, dict(meta), t0), daemon=False)
         self._thread.start()
+        self.seconds["blocking"] = time.perf_counter() - t0
         if not self.asynchronous:
             self.wait()
         return final
 
-    def _finish(self, tmp: Path, final: Path, meta: dict) -> None:
+    def _finish(self, tmp: Path, final: Path, meta: dict, t0: float) -> None:
         try:
             self._orbax.wait_until_finished()  # every process's shards are committed
             if jax.process_index() != 0:
@@ -210,13 +216,14 @@ class CheckpointWriter:
             write_manifest(tmp)
             replace_dir(tmp, final)  # replaces when re-saving a step
             _fsync_dir(self.root)
-            self._prune(keep_tmp=None)
+            self._prune()
+            self.seconds["total"] = time.perf_counter() - t0
         except BaseException as e:  # re-raised in the training thread by wait()
             self._error = e
 
-    def _prune(self, keep_tmp: Path | None) -> None:
+    def _prune(self) -> None:
         for p in self.root.iterdir():  # leftovers of interrupted saves
-            if p.name.endswith((".tmp", ".old")) and p != keep_tmp:
+            if p.name.endswith((".tmp", ".old")):
                 shutil.rmtree(p, ignore_errors=True)
         if self.keep and self.keep > 0:
             for _, p in checkpoints(self.root.parent)[: -self.keep]:
