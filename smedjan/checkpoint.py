@@ -4,15 +4,22 @@ Loading reads each tensor through safetensors' memory map and stacks the per-lay
 tensors straight into smedjan's [layers, ...] arrays in the target dtype, so a full
 second host copy of the checkpoint never exists. Every failure names the file and
 the tensor.
+
+A folder is data, not code, and may come from anyone: shard names from the index must stay
+inside the folder (no absolute paths, no `..`; symlinks inside it, as in a hub cache snapshot,
+are followed), parameters must be stored as floats, and every tensor is checked for NaN/Inf.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
-from pathlib import Path
+import struct
+import warnings
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import jax
 import jax.numpy as jnp
@@ -22,15 +29,19 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from smedjan.config import ConfigError, ModelConfig
+from smedjan.errors import UserError
 from smedjan.model.transformer import LAYER_PREFIX, param_shapes
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+# safetensors dtype -> bytes per element, and the float dtypes a parameter may be stored in
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_ST_FLOATS = {"F32", "F16", "BF16", "F64"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint folder that cannot be loaded as it stands."""
 
 
@@ -73,9 +84,11 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: malformed index ({e})") from None
-        return {name: folder / fname for name, fname in weight_map.items()}
+        except (OSError, ValueError, KeyError, TypeError) as e:  # JSON, UTF-8, not an object, no weight_map
+            raise CheckpointError(f"{index}: malformed index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must be an object of tensor name -> file name")
+        return {name: _shard_path(folder, index, fname) for name, fname in weight_map.items()}
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors files (PyTorch .bin checkpoints are not read)")
@@ -86,13 +99,43 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     return mapping
 
 
+def _shard_path(folder: Path, index: Path, fname: str) -> Path:
+    """A shard named by the index, refused unless the name stays inside the folder. The name is
+    checked, not the resolved path: a hub cache snapshot holds symlinks into ../../blobs."""
+    p = PurePosixPath(fname)
+    if not fname or p.is_absolute() or PureWindowsPath(fname).is_absolute() or "\\" in fname or ".." in p.parts:
+        raise CheckpointError(f"{index}: shard {fname!r} is not a file name inside the model folder; refused")
+    return folder / p
+
+
 def _open(path: Path):
     if not path.is_file():
         raise CheckpointError(f"{path}: file missing")
     try:
         return safe_open(str(path), framework="numpy")
     except SafetensorError as e:
-        raise CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupt?): {e}") from None
+        why = _header_problem(path) or f"unreadable safetensors file (truncated or corrupt?): {e}"
+        raise CheckpointError(f"{path}: {why}") from None
+
+
+def _header_problem(path: Path) -> str | None:
+    """Name the tensor whose header entry does not add up (safetensors only says that one does not):
+    a dtype or shape edited in the header changes the byte size it implies."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(n, 1 << 27)))
+        entries = [(k, v["dtype"], v["shape"], v["data_offsets"]) for k, v in header.items() if k != "__metadata__"]
+    except Exception:
+        return None
+    for name, dtype, shape, (begin, end) in entries:
+        size = _ST_ITEMSIZE.get(dtype)
+        if size is not None and math.prod(shape) * size != end - begin:
+            return (
+                f"tensor {name!r}: the header says {dtype} {shape} ({math.prod(shape) * size} bytes) but it "
+                f"holds {end - begin} bytes (header edited or corrupt)"
+            )
+    return None
 
 
 def load_params(folder: str | os.PathLike, cfg: ModelConfig, dtype=None, shardings=None) -> dict[str, jax.Array]:
@@ -105,6 +148,8 @@ def load_params(folder: str | os.PathLike, cfg: ModelConfig, dtype=None, shardin
     files = _weight_files(folder)
     handles: dict[Path, object] = {}
 
+    from_f64: list[str] = []  # tensors narrowed from float64 (one warning for all)
+
     def tensor(name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in files:
             raise CheckpointError(f"{folder}: tensor {name!r} missing from the checkpoint")
@@ -112,12 +157,23 @@ def load_params(folder: str | os.PathLike, cfg: ModelConfig, dtype=None, shardin
         if path not in handles:
             handles[path] = _open(path).__enter__()
         try:
-            arr = handles[path].get_tensor(name)
+            stored = handles[path].get_slice(name).get_dtype()
+            raw = handles[path].get_tensor(name)
         except SafetensorError as e:
             raise CheckpointError(f"{path}: tensor {name!r} unreadable: {e}") from None
-        if tuple(arr.shape) != tuple(shape):
-            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(arr.shape)}, config expects {shape}")
-        return arr if dtype is None else arr.astype(jnp.dtype(dtype))
+        if stored not in _ST_FLOATS:
+            raise CheckpointError(f"{path}: tensor {name!r} is stored as {stored}; parameters must be floats")
+        if tuple(raw.shape) != tuple(shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(raw.shape)}, config expects {shape}")
+        target = jnp.dtype(dtype) if dtype is not None else jnp.dtype(np.float32) if stored == "F64" else raw.dtype
+        if stored == "F64":
+            from_f64.append(name)
+        with np.errstate(over="ignore"):  # an overflow shows as Inf just below, named
+            arr = raw.astype(target, copy=False)
+        if not np.isfinite(arr).all():  # one pass; a NaN weight would only show later as empty output
+            after = f" after conversion to {target.name}" if arr is not raw and np.isfinite(raw).all() else ""
+            raise CheckpointError(f"{path}: tensor {name!r} holds NaN or Inf values{after}")
+        return arr
 
     expected = param_shapes(cfg)
     used = set()
@@ -138,6 +194,12 @@ def load_params(folder: str | os.PathLike, cfg: ModelConfig, dtype=None, shardin
         for h in handles.values():
             h.__exit__(None, None, None)
 
+    if from_f64:
+        warnings.warn(
+            f"{folder}: {len(from_f64)} tensors stored as float64 (e.g. {from_f64[0]!r}) were converted to "
+            f"{jnp.dtype(dtype or np.float32).name}",
+            stacklevel=2,
+        )
     extra = sorted(n for n in files if n not in used and not n.endswith("rotary_emb.inv_freq"))
     if cfg.tie_word_embeddings and "lm_head.weight" in extra:
         extra.remove("lm_head.weight")  # some exporters write the tied head twice

@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except UserError as e:
-        print(f"smedjan {args.command}: error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:  # OSError: a path the user gave that cannot be read or written
+        message = " ".join(str(e).split())  # one line, whatever the message's source put in it
+        print(f"smedjan {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 

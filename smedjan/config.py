@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from smedjan.errors import UserError
 
 SUPPORTED_MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
@@ -21,6 +24,7 @@ SUPPORTED_MODEL_TYPES = {
 }
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+MAX_POSITIONS = 1 << 24  # past any released context; beyond it a typo (1e12) would allocate RoPE tables
 
 # Keys every HF config may carry that do not change the forward pass.
 _HARMLESS_KEYS = {
@@ -68,7 +72,7 @@ _HARMLESS_KEYS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that smedjan cannot run exactly as transformers would."""
 
 
@@ -95,7 +99,14 @@ class ModelConfig:
 
     def __post_init__(self):
         if not self.head_dim:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+            heads, hidden = self.num_attention_heads, self.hidden_size
+            if isinstance(heads, int) and heads > 0 and isinstance(hidden, int):
+                if hidden % heads:
+                    raise ConfigError(
+                        f"hidden_size ({hidden}) must be a multiple of num_attention_heads ({heads}) "
+                        "unless head_dim is given"
+                    )
+                self.head_dim = hidden // heads
         self.validate()
 
     def __hash__(self):  # jit takes the config as a static argument
@@ -134,8 +145,26 @@ class ModelConfig:
             "max_position_embeddings",
         ):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_position_embeddings > MAX_POSITIONS:
+            raise ConfigError(
+                f"max_position_embeddings must be at most {MAX_POSITIONS}, got {self.max_position_embeddings}"
+            )
+        for name, lo, hi in (("rms_norm_eps", 0.0, 1.0), ("rope_theta", 0.0, math.inf)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo < value < hi:
+                raise ConfigError(f"{name} must be a number in ({lo}, {hi}), got {value!r}")
+        for name in ("tie_word_embeddings", "attention_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) else [value]
+            if value is None or value == []:
+                continue
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise ConfigError(f"{name} must be a token id (or null), got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -143,12 +172,14 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if self.sliding_window is not None and self.sliding_window <= 0:
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise ConfigError(f"sliding_window must be positive or null, got {self.sliding_window}")
         if self.rope_type not in ROPE_TYPES:
             raise ConfigError(f"rope_scaling.rope_type {self.rope_type!r} is not supported; use one of {ROPE_TYPES}")
-        if self.rope_type != "default" and "factor" not in self.rope_scaling:
-            raise ConfigError(f"rope_scaling of type {self.rope_type!r} needs a 'factor'")
+        if self.rope_type != "default":
+            factor = self.rope_scaling.get("factor")
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
+                raise ConfigError(f"rope_scaling of type {self.rope_type!r} needs a positive 'factor', got {factor!r}")
         if self.rope_type == "llama3":
             for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
                 if key not in self.rope_scaling:
@@ -186,6 +217,8 @@ class ModelConfig:
     # ---- HF config.json ---------------------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"expected a JSON object, got {type(d).__name__}")
         d = dict(d)
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -261,12 +294,14 @@ class ModelConfig:
         path = Path(path)
         try:
             d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (ValueError, OSError) as e:  # JSON, UTF-8
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         try:
             return cls.from_hf_dict(d)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+        except (TypeError, ValueError, AttributeError) as e:  # a value of a type no check above expected
+            raise ConfigError(f"{path}: malformed config ({type(e).__name__}: {e})") from None
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -275,6 +310,9 @@ class ModelConfig:
 def _read_rope(d: dict) -> tuple[float, dict | None]:
     """Accept both spellings: legacy `rope_theta` + `rope_scaling`, and v5 `rope_parameters`."""
     params = d.get("rope_parameters")
+    for key in ("rope_parameters", "rope_scaling"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise ConfigError(f"field {key!r} must be an object, got {d[key]!r}")
     if params is None:
         params = dict(d.get("rope_scaling") or {})
         params.setdefault("rope_theta", d.get("rope_theta", 10000.0))
@@ -285,7 +323,10 @@ def _read_rope(d: dict) -> tuple[float, dict | None]:
     if "type" in params and "rope_type" not in params:  # oldest spelling
         params["rope_type"] = params.pop("type")
     params.pop("type", None)
-    theta = float(params.pop("rope_theta", d.get("rope_theta", 10000.0)))
+    theta = params.pop("rope_theta", d.get("rope_theta", 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise ConfigError(f"field 'rope_theta' must be a number, got {theta!r}")
+    theta = float(theta)
     rope_type = params.get("rope_type", "default")
     if rope_type not in ROPE_TYPES:
         raise ConfigError(f"field 'rope_scaling': rope_type {rope_type!r} is not supported; use one of {ROPE_TYPES}")

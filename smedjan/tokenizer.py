@@ -38,7 +38,7 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """Bad tokenizer input or folder."""
 
 
@@ -69,11 +69,15 @@ class Tokenizer:
         self.eos_id = tk.token_to_id(self.eos_token) if self.eos_token else None
         self.pad_id = tk.token_to_id(self.pad_token) if self.pad_token else None
         self.chat_template = self.config.get("chat_template")
+        self._template_source = f"{path / 'tokenizer_config.json'}: chat_template" if path else "chat_template"
         if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in self.chat_template}
+            named = {t.get("name"): t.get("template") for t in self.chat_template if isinstance(t, dict)}
             self.chat_template = named.get("default") or next(iter(named.values()), None)
         if self.chat_template is None and path is not None and (path / "chat_template.jinja").is_file():
-            self.chat_template = (path / "chat_template.jinja").read_text()
+            self.chat_template = (path / "chat_template.jinja").read_text(errors="replace")
+            self._template_source = str(path / "chat_template.jinja")
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            raise TokenizerError(f"{self._template_source}: expected a template string, got {self.chat_template!r}")
         self._compiled_template = None
 
     @classmethod
@@ -91,7 +95,15 @@ class Tokenizer:
         config = {}
         cfg_path = path / "tokenizer_config.json"
         if cfg_path.is_file():
-            config = json.loads(cfg_path.read_text())
+            try:
+                config = json.loads(cfg_path.read_text())
+            except (ValueError, OSError) as e:  # JSON, UTF-8
+                raise TokenizerError(f"{cfg_path}: not valid JSON ({e})") from None
+            if not isinstance(config, dict):
+                raise TokenizerError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
+            for key in ("bos_token", "eos_token", "pad_token"):
+                if not isinstance(_token_str(config.get(key)), (str, type(None))):
+                    raise TokenizerError(f"{cfg_path}: {key} must be a string, got {config[key]!r}")
         return cls(tk, config, path)
 
     @property
@@ -133,18 +145,24 @@ class Tokenizer:
         return self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        """Render `messages` with the folder's jinja template, the way transformers does."""
-        template = self.chat_template or DEFAULT_CHAT_TEMPLATE
-        if self._compiled_template is None:
-            self._compiled_template = _compile_template(template)
-        return self._compiled_template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-            pad_token=self.pad_token or "",
-            **kwargs,
-        )
+        """Render `messages` with the folder's jinja template, the way transformers does.
+
+        The template is code from the folder, run sandboxed: whatever it raises (a syntax error, a
+        blocked attribute, its own raise_exception) is a TokenizerError naming where it came from."""
+        try:
+            if self._compiled_template is None:
+                self._compiled_template = _compile_template(self.chat_template or DEFAULT_CHAT_TEMPLATE)
+            return self._compiled_template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                pad_token=self.pad_token or "",
+                **kwargs,
+            )
+        except Exception as e:
+            where = self._template_source if self.chat_template else "the default chat template"
+            raise TokenizerError(f"{where}: the chat template failed: {type(e).__name__}: {e}") from None
 
 
 def _token_str(tok) -> str | None:

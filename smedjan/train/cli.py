@@ -35,7 +35,7 @@ def _load_recipe(path: str) -> dict:
         raise UserError(f"--recipe {path}: no such file")
     try:
         recipe = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSON or UTF-8
         raise UserError(f"--recipe {path}: not valid JSON ({e})") from None
     if not isinstance(recipe, dict):
         raise UserError(f"--recipe {path}: expected a JSON object")
@@ -212,10 +212,14 @@ def add_train_args(p) -> None:
 
 def run_export(args) -> int:
     import jax.numpy as jnp
+    from safetensors import SafetensorError
 
     from smedjan.checkpoint import save_hf
 
-    params, cfg, tok_dir, step = load_run_params(args.run_dir, args.step)
+    try:
+        params, cfg, tok_dir, step = load_run_params(args.run_dir, args.step)
+    except (ValueError, KeyError, TypeError, SafetensorError) as e:  # damaged meta.json or state file
+        raise UserError(f"{args.run_dir}: unreadable checkpoint ({type(e).__name__}: {e})") from None
     dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32, "fp16": jnp.float16}[args.dtype]
     out = save_hf(args.output, cfg, params, tokenizer_dir=tok_dir, dtype=dtype)
     print(f"exported step {step} of {args.run_dir} to {out}")
