@@ -21,6 +21,8 @@ STAGES = [
     "smedjan.generate",
     "smedjan.serve.cli",
     "smedjan.bench",
+    "smedjan.export.cli",
+    "smedjan.convert.cli",
     "smedjan.hub",
 ]
 

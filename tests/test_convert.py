@@ -9,6 +9,7 @@ import transformers
 from conftest import SHARED_DATA
 
 from smedjan.checkpoint import load_hf
+from smedjan.convert.llama2c import convert
 from smedjan.generate import generate
 from smedjan.model import logits_fn
 
@@ -23,12 +24,6 @@ EXPECTED = "Once upon a time, there was a little girl named Lily. She loved to p
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from convert.llama2c import convert
-
     return convert(STORIES / "stories260K.bin", STORIES / "tok512.bin", tmp_path_factory.mktemp("s260") / "hf")
 
 
