@@ -39,7 +39,11 @@ DEFAULT_CHAT_TEMPLATE = (
 
 
 class TokenizerError(UserError, ValueError):
-    """Bad tokenizer input or folder."""
+    """Bad tokenizer input or folder. `reason`: the message without the file it names."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -162,7 +166,8 @@ class Tokenizer:
             )
         except Exception as e:
             where = self._template_source if self.chat_template else "the default chat template"
-            raise TokenizerError(f"{where}: the chat template failed: {type(e).__name__}: {e}") from None
+            reason = f"the chat template failed: {type(e).__name__}: {e}"
+            raise TokenizerError(f"{where}: {reason}", reason) from None
 
 
 def _token_str(tok) -> str | None:

@@ -503,6 +503,18 @@ def test_browser_safety(server):
         stop()
 
 
+def test_broken_chat_template_is_400_without_server_paths(server, monkeypatch):
+    tok = server["tok"]
+    monkeypatch.setattr(tok, "chat_template", "{{ raise_exception('no such role here') }}")
+    monkeypatch.setattr(tok, "_compiled_template", None)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(server["base"] + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert "no such role here" in message and str(tok.path) not in message
+
+
 def test_queue_full_is_429(checkpoint):
     cfg, params = load_hf(checkpoint)
     tok = load_tokenizer(checkpoint)

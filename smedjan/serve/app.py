@@ -3,9 +3,9 @@
 GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
 (non-streaming, and SSE streaming ending with `data: [DONE]`). Every error is an
 OpenAI-style JSON body {"error": {"message", "type", "param", "code"}}: 400 for bad
-input, 401 for a bad API key, 415 for a POST body that is not application/json, 413 for a body over `max_body_bytes` (checked while reading, before
-any parsing), 429 when the engine's queue is full. A client that disconnects has its requests
-cancelled, freeing their batch slots.
+input, 401 for a bad API key, 413 for a body over `max_body_bytes` (checked while reading,
+before any parsing), 415 for a POST body that is not application/json, 429 when the engine's
+queue is full. A client that disconnects has its requests cancelled, freeing their batch slots.
 
 Browser safety: a page on another origin can make a browser send a "simple" POST (text/plain,
 no preflight) to a server on localhost; requiring application/json forces a CORS preflight,
@@ -191,7 +191,8 @@ def create_app(
             try:
                 text = tokenizer.apply_chat_template(req.messages, add_generation_prompt=True)
             except Exception as e:  # template errors (raise_exception in the template, bad roles...)
-                raise APIError(400, f"could not apply the chat template: {e}", "messages", "invalid_value") from None
+                why = getattr(e, "reason", e)  # a TokenizerError's reason leaves out the server's file paths
+                raise APIError(400, f"could not apply the chat template: {why}", "messages", "invalid_value") from None
             return [tokenizer.encode(text, add_bos=False)]
         out = []
         for p in req.prompts:
