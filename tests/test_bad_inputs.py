@@ -333,31 +333,45 @@ PATHISH = ("model", "folder", "path", "dir", "file", "input", "dataset", "tokeni
 OUTPUTS = ("output", "out")
 
 
-def _subcommands():
-    parser = build_parser()
-    (sub,) = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
-    return sub.choices
+def _is_subparsers(action) -> bool:
+    return action.__class__.__name__ == "_SubParsersAction"
 
 
-def _bad_argv(command, sub, bad: str, out: Path) -> list[str] | None:
+def _leaf_commands(parser, prefix=()):
+    """(argv prefix, parser) of every runnable command, nested ones (`convert gguf`) included."""
+    for action in parser._actions:
+        if _is_subparsers(action):
+            for name, sub in action.choices.items():
+                yield from _leaf_commands(sub, (*prefix, name))
+            return
+    if prefix:
+        yield prefix, parser
+
+
+def _bad_argv(sub, bad: str, out: Path) -> list[str] | None:
     """argv that passes argparse with `bad` in every input slot, or None when the command takes none."""
     positionals, options, filled = [], [], False
     for a in sub._actions:
-        if a.option_strings and (a.nargs == 0 or a.choices is not None or a.dest == "help"):
+        if a.option_strings and (a.nargs == 0 or a.dest == "help"):
             continue
         is_output = a.dest in OUTPUTS
         wanted = not a.option_strings or a.required or any(p in a.dest for p in PATHISH) or is_output
-        if not wanted or a.type not in (None, str):
+        if not wanted:
+            continue
+        if a.choices is not None:
+            value = str(next(iter(a.choices)))  # a required choice: any valid one
+        elif a.type not in (None, str):
             if a.required or not a.option_strings:
                 return None  # a required non-path value this walker cannot invent
             continue
-        value = str(out / f"{command}-{a.dest}") if is_output else bad
-        filled = filled or not is_output
+        else:
+            value = str(out / f"out-{a.dest}") if is_output else bad
+            filled = filled or not is_output
         if a.option_strings:
             options += [a.option_strings[-1], value]
         else:
             positionals.append(value)
-    return [command, *positionals, *options] if filled else None
+    return [*positionals, *options] if filled else None
 
 
 def test_every_subcommand_refuses_bad_inputs_in_one_line(tmp_path, capsys, monkeypatch):
@@ -369,11 +383,13 @@ def test_every_subcommand_refuses_bad_inputs_in_one_line(tmp_path, capsys, monke
     empty.mkdir()
     inputs = {"missing": str(tmp_path / "nope" / "x"), "garbage": str(garbage), "empty": str(empty)}
     walked = []
-    for command, sub in _subcommands().items():
+    for names, sub in _leaf_commands(build_parser()):
+        command = names[0]
         for kind, bad in inputs.items():
-            argv = _bad_argv(command, sub, bad, tmp_path / kind)
-            if argv is None:
+            args = _bad_argv(sub, bad, tmp_path / kind)
+            if args is None:
                 continue
+            argv = [*names, *args]
             rc, err = _run(capsys, argv)
             # 0: the input was fine for this command (a binary file is a text corpus, read leniently).
             # Progress output may come first; the error is the last line, and nothing is a traceback.
