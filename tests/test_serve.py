@@ -556,6 +556,39 @@ def test_chat_cli_with_piped_stdin(checkpoint):
     assert proc.stdout.count("assistant: ") == 2
 
 
+def test_serve_cli_browser_flags(checkpoint):
+    """`smedjan serve` wires --cors-origin, --allowed-host, --api-key and --max-body-bytes through."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "smedjan", "serve", str(checkpoint), "--port", str(port), "--no-warmup"]
+    cmd += ["--max-seq-len", str(MAX_SEQ), "--api-key", API_KEY, "--max-body-bytes", "2048"]
+    cmd += ["--cors-origin", "http://good.example", "--allowed-host", "127.0.0.1"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    base, key = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {API_KEY}"}
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+            try:
+                if httpx.get(base + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        with httpx.Client(base_url=base, timeout=30) as h:
+            assert h.get("/health").json() == {"status": "ok"}
+            assert h.get("/health", headers={"Host": "evil.example"}).status_code == 400
+            assert h.get("/openapi.json").status_code == 401
+            pre = {"Origin": "http://good.example", "Access-Control-Request-Method": "POST"}
+            assert h.options("/v1/completions", headers=pre).headers["access-control-allow-origin"] == pre["Origin"]
+            r = h.post("/v1/completions", content=b"x" * 4096, headers={**key, "Content-Type": "application/json"})
+            assert r.status_code == 413
+            r = h.post("/v1/completions", content=b"{}", headers={**key, "Content-Type": "text/plain"})
+            assert r.status_code == 415
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def test_decode_chunks_equal_single_steps(checkpoint):
     """Several decode steps per dispatch (the default) give exactly the tokens, finish reasons and
     stops of one step per dispatch, for requests that end inside a chunk (length or stop token)."""
