@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # ~4 CPU-minutes (8 processes, 5 compilations): the CI's second stage
-
 from smedjan.data import prepare
 from smedjan.tokenizer import train_tokenizer
+
+pytestmark = pytest.mark.slow  # ~4 CPU-minutes (8 processes, 5 compilations): the CI's second stage
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--size", "tiny", "--dim", "32", "--layers", "2", "--heads", "2", "--ffn-dim", "64", "--batch-size", "8"]
