@@ -91,6 +91,14 @@ DAMAGE = {
     "meta is a list": (lambda c: _put(c / "meta.json", b"[2]"), "expected a JSON object"),
     "missing manifest": (lambda c: _gone(c / "manifest.json"), "missing"),
     "garbage manifest": (lambda c: _put(c / "manifest.json", b"{"), "not a valid manifest"),
+    "manifest entry not an object": (
+        lambda c: _put(c / "manifest.json", b'{"files": {"meta.json": 1}}'),
+        "not a valid manifest",
+    ),
+    "manifest names a file outside": (
+        lambda c: _put(c / "manifest.json", b'{"files": {"../x": {"sha256": "0", "bytes": 1}}}'),
+        "not a valid manifest",
+    ),
 }
 
 

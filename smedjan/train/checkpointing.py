@@ -76,14 +76,14 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def _hash_files(folder: Path, files: list[Path]) -> list[str]:
+def _hash_files(files: list[Path]) -> list[str]:
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         return list(pool.map(_sha256, files))
 
 
 def write_manifest(folder: Path) -> None:
     files = _files(folder)
-    digests = _hash_files(folder, files)
+    digests = _hash_files(files)
     entries = {str(p.relative_to(folder)): {"sha256": d, "bytes": p.stat().st_size} for p, d in zip(files, digests)}
     _write_json(folder / MANIFEST, {"format": "smedjan-train-checkpoint-v2", "files": entries})
 
@@ -93,11 +93,13 @@ def verify_manifest(folder: Path) -> None:
     path = folder / MANIFEST
     try:
         entries = json.loads(path.read_text())["files"]
-        if not isinstance(entries, dict):
+        if not all(isinstance(e, dict) and isinstance(e.get("sha256"), str) for e in entries.values()):
             raise TypeError
+        if any(Path(n).is_absolute() or ".." in Path(n).parts for n in entries):
+            raise ValueError  # names stay inside the checkpoint
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (every checkpoint of this format has one)") from None
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointError(f"{path}: not a valid manifest") from None
     names = sorted(entries)
     for name in names:
@@ -108,8 +110,8 @@ def verify_manifest(folder: Path) -> None:
             raise CheckpointError(
                 f"{p}: {p.stat().st_size} bytes, {entries[name].get('bytes')} were written (truncated or changed)"
             )
-    for name, digest in zip(names, _hash_files(folder, [folder / n for n in names])):
-        if digest != entries[name].get("sha256"):
+    for name, digest in zip(names, _hash_files([folder / n for n in names])):
+        if digest != entries[name]["sha256"]:
             raise CheckpointError(f"{folder / name}: checksum mismatch (the file changed after it was written)")
 
 
