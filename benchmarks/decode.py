@@ -80,8 +80,6 @@ def bench_batch1(cfg, params, *, prompt_len, new_tokens, attn, repeats):
     times = [once()[0] for _ in range(repeats)]
     t = statistics.median(times)
     wbytes = weight_bytes(cfg, runner.w)
-    w = runner.w
-    del runner
     return {
         "tokens_per_s": new_tokens / t,
         "ms_per_token": 1e3 * t / new_tokens,
@@ -89,7 +87,7 @@ def bench_batch1(cfg, params, *, prompt_len, new_tokens, attn, repeats):
         "first_call_s": t_compile,
         "times_s": times,
         "tokens": toks[0, :32].tolist(),
-    }, w
+    }, runner.w
 
 
 def bench_engine(cfg, w, *, concurrencies, max_batch, prompt_len, steps, repeats, chunk=8):
@@ -101,7 +99,7 @@ def bench_engine(cfg, w, *, concurrencies, max_batch, prompt_len, steps, repeats
     results = {}
     for c in concurrencies:
 
-        def once():
+        def once(c=c):
             runner.pos[:] = 0
             for s in range(c):  # prefill c requests into slots (not timed)
                 runner.prefill([s], [rng.integers(0, cfg.vocab_size, prompt_len).tolist()], [row])
@@ -121,7 +119,6 @@ def bench_engine(cfg, w, *, concurrencies, max_batch, prompt_len, steps, repeats
             f"  engine c={c}: {results[c]['tokens_per_s']:.0f} tok/s ({results[c]['ms_per_step']:.2f} ms/step)",
             flush=True,
         )
-    del runner
     return results
 
 
@@ -170,7 +167,7 @@ def bench_hf(cfg, params, *, prompt_len, new_tokens, repeats):
 
     t1, _ = timed(1)
     tn, out = timed(new_tokens)
-    del model
+    model = None  # frees the GPU memory before the next benchmark (run() holds only this name)
     if dev == "cuda":
         torch.cuda.empty_cache()
     return {

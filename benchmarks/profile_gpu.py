@@ -209,12 +209,13 @@ REMAT_EXTRA = {
 def train_fn(cfg, args, variant: dict):
     """The trainer's own step (`make_train_step`) with the variant's knobs; returns a no-arg call."""
     from smedjan.model import transformer
+    from smedjan.runconfig import OptimConfig
     from smedjan.train import step as ts
 
     remat = variant.get("remat", args.remat)
     if remat in REMAT_EXTRA:
         transformer.REMAT_POLICIES[remat] = REMAT_EXTRA[remat]()
-    optimizer = ts.make_optimizer({"lr": 3e-4, "warmup_steps": 10, "total_steps": 10_000})
+    optimizer = ts.make_optimizer(OptimConfig())
     state = ts.init_train_state(cfg, jax.random.PRNGKey(0), optimizer)
     step = ts.make_train_step(
         cfg,

@@ -33,11 +33,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from smedjan.config import preset  # noqa: E402
+from smedjan.hardware import peak_flops_for  # noqa: E402
+from smedjan.runconfig import OptimConfig, ScheduleConfig  # noqa: E402
 from smedjan.sharding import batch_sharding, make_mesh, put_batch  # noqa: E402
 from smedjan.train.checkpointing import load_checkpoint, save_checkpoint  # noqa: E402
-from smedjan.train.loop import peak_flops_per_device  # noqa: E402
 from smedjan.train.step import (
-    OptimConfig,
     init_train_state,
     make_optimizer,
     make_train_step,  # noqa: E402
@@ -52,14 +52,14 @@ def batches(cfg, n, batch, seq_len, seed=0):
 
 def run_mesh(cfg, spec, devices, data, args, dtype, grad_accum):
     mesh = make_mesh(spec, devices)
-    opt = make_optimizer(OptimConfig(lr=3e-4, warmup_steps=2, total_steps=1000))
+    opt = make_optimizer(OptimConfig(lr=3e-4), ScheduleConfig(warmup_steps=2), total_steps=1000)
     state = init_train_state(cfg, jax.random.key(0), opt, mesh=mesh)
     step = make_train_step(
         cfg, opt, attn_impl=args.attn, remat=args.remat, compute_dtype=dtype, grad_accum=grad_accum, mesh=mesh
     )
     sh = batch_sharding(mesh)
     losses, times = [], []
-    for i, tokens in enumerate(data):
+    for tokens in data:
         batch = {"tokens": put_batch(tokens, sh)}
         t0 = time.perf_counter()
         state, metrics = step(state, batch)
@@ -130,7 +130,7 @@ def main(argv=None):
     devs = jax.devices()
     n = args.devices or len(devs)
     data = batches(cfg, args.steps, args.batch, args.seq_len)
-    peak = peak_flops_per_device(devs[0])
+    peak = peak_flops_for(devs[0].device_kind)
     flops_tok = cfg.flops_per_token(args.seq_len)
 
     runs = {"1 device": ("data=1", devs[:1])} if "1" in wanted else {}

@@ -155,9 +155,9 @@ def run_peer(
                 log(f"[peer {mode}] forward")
 
                 @torch.no_grad()
-                def fwd_chunk(n):
+                def fwd_chunk(n, fwd_model=fwd_model):
                     for i in range(n):
-                        fwd_model(input_ids=pool[i % len(pool)], use_cache=False).logits
+                        fwd_model(input_ids=pool[i % len(pool)], use_cache=False)
 
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
@@ -176,7 +176,7 @@ def run_peer(
                 extra = {"cache_implementation": "static"} if mode == "compile" else {}
 
                 @torch.no_grad()
-                def gen_time(n):
+                def gen_time(n, model=model, prompt=prompt, extra=extra):
                     _sync(torch, device)
                     t0 = time.perf_counter()
                     model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **extra)

@@ -65,9 +65,9 @@ def diag_train(size="125m", batch=16, seq_len=1024, attn="cudnn", iters=8, log=p
     import jax.numpy as jnp
     import optax
 
-    from smedjan.bench import OPTIM
     from smedjan.config import preset
     from smedjan.model.transformer import forward, init_params, lm_head
+    from smedjan.runconfig import OptimConfig
     from smedjan.train import step as ts
     from smedjan.train.loss import naive_cross_entropy
 
@@ -117,7 +117,7 @@ def diag_train(size="125m", batch=16, seq_len=1024, attn="cudnn", iters=8, log=p
 
     rec("grad full-logits CE", jax.jit(jax.grad(naive)), params)
 
-    opt = ts.make_optimizer(OPTIM)
+    opt = ts.make_optimizer(OptimConfig())
     ost = opt.init(params)
 
     def upd(g, s, p):

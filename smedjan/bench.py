@@ -16,7 +16,7 @@ FLOPs (documented in benchmarks/RESULTS.md):
            forward+backward (x3), causal (/2).
 * forward: one third of that (2·N + 2·L·H·hd·S).
 * decode:  2·N + 4·L·H·hd·ctx per token, ctx = mean attended context length.
-MFU = FLOP/s / 989e12 (H100/H200 SXM dense bf16); other devices: "n/a".
+MFU = FLOP/s / the device's dense bf16 peak (smedjan.hardware.PEAK_FLOPS); other devices: "n/a".
 
 Timing: warm-up calls first (compile excluded), then `repeats` chunks of `iters` calls
 dispatched back to back with one `block_until_ready` per chunk; the median chunk gives
@@ -36,24 +36,17 @@ from functools import partial
 from pathlib import Path
 
 from smedjan.errors import UserError
+from smedjan.hardware import peak_flops_for
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
 FLOP_FORMULA = (
     "train: 6*N + 6*L*H*hd*S per token (N = matmul params incl. LM head, excl. embedding lookup; "
     "attention QK^T+PV fwd+bwd, causal /2); forward: 1/3 of train; decode: 2*N + 4*L*H*hd*ctx; "
-    "MFU = FLOP/s / 989e12 (H100/H200 dense bf16)"
+    "MFU = FLOP/s / dense bf16 peak (smedjan.hardware.PEAK_FLOPS: 989e12 for H100/H200)"
 )
 COLUMNS = ("forward", "decode", "train")
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-def peak_flops_for(device_kind: str) -> float | None:
-    for name, peak in PEAK_FLOPS.items():
-        if name in device_kind:
-            return peak
-    return None
-
-
 def _peak_mem(device) -> int | None:
     try:
         stats = device.memory_stats()
@@ -124,7 +117,6 @@ def bench_forward(cfg, batch, seq_len, *, attn, dtype, iters, repeats, warmup, p
 
     t, times = _timed(chunk, iters, repeats, warmup)
     mem = _peak_mem(jax.devices()[0])
-    del params, toks
     return _column(batch * seq_len, t, cfg.flops_per_token(seq_len) / 3, peak, times, mem)
 
 
@@ -206,7 +198,6 @@ def bench_decode(cfg, seq_len, *, attn, dtype, repeats, warmup, peak, decode_tok
     ctx = prompt_len + n_new / 2
     fpt = 2 * n + 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * ctx
     impl = runner.attn_impl
-    del runner
     return _column(
         1,
         t,
@@ -240,26 +231,26 @@ def bench_train(
     seed=0,
 ):
     import jax
-
-    try:
-        import importlib
-
-        train_step_mod = importlib.import_module("smedjan.train.step")
-    except ModuleNotFoundError as e:
-        return {"error": f"trainer not available ({e.name} missing)"}
     import jax.numpy as jnp
 
-    optimizer = train_step_mod.make_optimizer(OPTIM)
-    state = train_step_mod.init_train_state(cfg, jax.random.PRNGKey(seed), optimizer, param_dtype=jnp.float32)
-    kw = dict(attn_impl=attn, remat=remat, compute_dtype=dtype, grad_accum=grad_accum, mesh=None)
-    if loss_chunk is not None:
-        kw["loss_chunk"] = loss_chunk
-    step = train_step_mod.make_train_step(cfg, optimizer, **_accepted(train_step_mod.make_train_step, kw))
+    from smedjan.runconfig import OptimConfig
+    from smedjan.train.step import init_train_state, make_optimizer, make_train_step
+
+    optimizer = make_optimizer(OptimConfig())  # the trainer's defaults: AdamW, cosine
+    state = init_train_state(cfg, jax.random.PRNGKey(seed), optimizer, param_dtype=jnp.float32)
+    step = make_train_step(
+        cfg,
+        optimizer,
+        attn_impl=attn,
+        remat=remat,
+        compute_dtype=dtype,
+        grad_accum=grad_accum,
+        loss_chunk=loss_chunk,
+        mesh=None,
+    )
     keys = jax.random.split(jax.random.PRNGKey(seed + 3), pool)
-    batches = [
-        _make_batch(train_step_mod, jax.random.randint(k, (batch, seq_len + 1), 0, cfg.vocab_size, jnp.int32))
-        for k in keys
-    ]
+    # the trainer's batch format: {"tokens": int32 [B, S+1]} (inputs/targets are its shifts)
+    batches = [{"tokens": jax.random.randint(k, (batch, seq_len + 1), 0, cfg.vocab_size, jnp.int32)} for k in keys]
     holder = {"state": state}
 
     def chunk(n):
@@ -271,25 +262,7 @@ def bench_train(
 
     t, times = _timed(chunk, iters, repeats, warmup)
     mem = _peak_mem(jax.devices()[0])
-    del holder, batches
     return _column(batch * seq_len, t, cfg.flops_per_token(seq_len), peak, times, mem)
-
-
-def _accepted(fn, kw: dict) -> dict:
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return kw
-    return {k: v for k, v in kw.items() if k in params}
-
-
-OPTIM = {"lr": 3e-4, "warmup_steps": 10, "total_steps": 10_000, "weight_decay": 0.1}  # AdamW, cosine
-
-
-def _make_batch(mod, tokens):
-    """The trainer's batch format: {"tokens": int32 [B, S+1]} (inputs/targets are its shifts)."""
-    return {"tokens": tokens}
 
 
 # ---- peer --------------------------------------------------------------------------------------
@@ -481,10 +454,21 @@ def log(args, msg):
         print(msg, file=sys.stderr, flush=True)
 
 
+# (iters, repeats, warmup) when not given: accelerators get long chunks for stable medians; on CPU a step
+# takes milliseconds to seconds, and a few of them give a useful table in well under a minute.
+TIMING_DEFAULTS = {"cpu": (5, 3, 1), "accelerator": (20, 5, 3)}
+
+
 def run(args) -> int:
+    import jax
+
     from smedjan.config import ConfigError, resolve_config
     from smedjan.info import model_overrides
 
+    timing = TIMING_DEFAULTS["cpu" if jax.default_backend() == "cpu" else "accelerator"]
+    for name, default in zip(("iters", "repeats", "warmup"), timing):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     for name in ("batch", "seq_len", "iters", "repeats"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
@@ -535,9 +519,9 @@ def add_bench_args(p) -> None:
     p.add_argument("--loss-chunk", type=int, default=None, help="train step's cross-entropy chunk (tokens)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--columns", default=",".join(COLUMNS), help="comma list of forward,decode,train")
-    p.add_argument("--iters", type=int, default=20, help="timed steps per repeat")
-    p.add_argument("--repeats", type=int, default=5, help="repeats; the median is reported")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile included)")
+    p.add_argument("--iters", type=int, help="timed steps per repeat (default: 20 on accelerators, 5 on CPU)")
+    p.add_argument("--repeats", type=int, help="repeats; the median is reported (default: 5, CPU 3)")
+    p.add_argument("--warmup", type=int, help="untimed steps first, compile included (default: 3, CPU 1)")
     p.add_argument("--decode-tokens", type=int, default=None, help="decoded tokens per repeat (default seq_len/2)")
     p.add_argument(
         "--peer",

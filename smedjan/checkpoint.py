@@ -52,7 +52,7 @@ def resolve_path(path_or_repo: str | os.PathLike, revision: str | None = None) -
         return path
     if path.exists():
         raise CheckpointError(f"{path}: expected a checkpoint folder, found a file")
-    if str(path_or_repo).count("/") != 1 or str(path_or_repo).startswith((".", "/")):
+    if str(path_or_repo).count("/") != 1 or str(path_or_repo).startswith((".", "/", "~")):
         raise CheckpointError(f"{path_or_repo}: no such folder (and not a hub repo id of the form owner/name)")
     from huggingface_hub import snapshot_download
 
@@ -65,7 +65,11 @@ def resolve_path(path_or_repo: str | os.PathLike, revision: str | None = None) -
             )
         )
     except Exception as e:  # network, auth, offline cache miss: all end the same way for the user
-        raise CheckpointError(f"could not fetch {path_or_repo!r} from the hub: {e}") from None
+        why = " ".join(str(e).split())[:300] or type(e).__name__
+        raise CheckpointError(
+            f"{path_or_repo}: neither a local folder (no such folder here) nor a hub repo id that could be "
+            f"fetched ({type(e).__name__}: {why})"
+        ) from None
 
 
 def load_config(folder: str | os.PathLike) -> ModelConfig:
@@ -257,14 +261,13 @@ def save_hf(
             size = 0
         shards[-1][name] = arr
         size += arr.nbytes
-    metadata = {"format": "pt"}  # transformers refuses safetensors without it
     if len(shards) == 1:
-        save_file(shards[0], str(tmp / "model.safetensors"), metadata=metadata)
+        save_safetensors(shards[0], tmp / "model.safetensors")
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / fname), metadata=metadata)
+            save_safetensors(shard, tmp / fname)
             weight_map.update({k: fname for k in shard})
         total = sum(a.nbytes for s in shards for a in s.values())
         (tmp / "model.safetensors.index.json").write_text(
@@ -287,6 +290,14 @@ def save_hf(
             if src.is_file():
                 shutil.copy2(src, tmp / fname)
     return replace_dir(tmp, folder, old_suffix=".old-save")
+
+
+def save_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
+    """safetensors' save_file, with the file mode every other file gets (it writes 0600 via a temp file)."""
+    save_file(tensors, str(path), metadata={"format": "pt"})  # transformers refuses safetensors without "format"
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def replace_dir(tmp: Path, final: Path, old_suffix: str = ".old") -> Path:

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from smedjan import hardware
 from smedjan.errors import UserError
 
 # (module, one-line help) in pipeline order; each module defines register(subparsers).
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if hardware.metal_installed():  # elsewhere jax starts lazily (multi-host runs must initialise first)
+        hardware.start_platform()
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:

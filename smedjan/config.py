@@ -476,4 +476,6 @@ def resolve_config(spec: str, **overrides) -> ModelConfig:
     if path.is_file():
         cfg = ModelConfig.from_json_file(path)
         return cfg.replace(**overrides) if overrides else cfg
+    if spec not in PRESETS and ("/" in spec or "\\" in spec or spec.startswith((".", "~")) or spec.endswith(".json")):
+        raise ConfigError(f"{spec}: no such file or folder (and not a preset: {', '.join(PRESETS)})")
     return preset(spec, **overrides)

@@ -145,10 +145,10 @@ def prepare_params(params: dict, cfg: ModelConfig, dtype=None) -> dict:
     layers = []
     for i in range(cfg.num_hidden_layers):
 
-        def g(name):
+        def g(name, i=i):
             return lp[name][i].astype(dtype)
 
-        def normed(names, norm):
+        def normed(names, norm, i=i):
             # The RMSNorm weight folded into the matrix that consumes the norm's output (in float32,
             # rounded once): the step then scales the matmul's output by the norm's 1/rms and never
             # materialises the normalised vector (one small kernel less per norm, per layer).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from smedjan import runconfig
 from smedjan.config import ConfigError, human, memory_report, resolve_config
 from smedjan.errors import UserError
 
@@ -20,21 +21,8 @@ def add_model_args(p) -> None:
 
 
 def model_overrides(args) -> dict:
-    names = {
-        "dim": "hidden_size",
-        "layers": "num_hidden_layers",
-        "heads": "num_attention_heads",
-        "kv_heads": "num_key_value_heads",
-        "ffn_dim": "intermediate_size",
-        "vocab_size": "vocab_size",
-        "max_seq_len": "max_position_embeddings",
-    }
-    out = {hf: getattr(args, a) for a, hf in names.items() if getattr(args, a, None) is not None}
-    if "num_attention_heads" in out and "num_key_value_heads" not in out:
-        out["num_key_value_heads"] = out["num_attention_heads"]  # --heads alone means plain multi-head
-    if "hidden_size" in out or "num_attention_heads" in out:
-        out["head_dim"] = 0  # re-derive from the new shape
-    return out
+    """config.json overrides from the parsed --dim/--layers/... flags."""
+    return runconfig.model_overrides(vars(args))
 
 
 def run(args) -> int:

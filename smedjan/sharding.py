@@ -140,11 +140,10 @@ def initialize_distributed() -> None:
 # ---- partition rules ---------------------------------------------------------------------------------
 def partition_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
     """The PartitionSpec of one parameter (HF name, stacked shape) on `mesh`."""
-    for pattern, tensor_dim in PARTITION_RULES:
-        if re.search(pattern, name):
-            break
-    else:
+    rule = next(((dim,) for pattern, dim in PARTITION_RULES if re.search(pattern, name)), None)
+    if rule is None:
         raise ShardingError(f"no partition rule matches parameter {name!r}")
+    (tensor_dim,) = rule
     stacked = name.startswith("model.layers.")
     offset = 1 if stacked else 0
     dims = shape[offset:]

@@ -22,6 +22,11 @@ class DataError(UserError, ValueError):
     """Bad data input or a dataset that does not fit the run."""
 
 
+def bundled_corpus() -> Path:
+    """The packaged Shakespeare corpus (smedjan/corpus/tinyshakespeare.txt.gz); `--corpus bundled`."""
+    return Path(__file__).resolve().parent / "corpus" / "tinyshakespeare.txt.gz"
+
+
 # ---- reading documents ------------------------------------------------------------------------------
 def expand_inputs(patterns: list[str] | str) -> list[Path]:
     """Files from paths, globs and folders (a folder contributes its .txt/.jsonl(.gz) files)."""

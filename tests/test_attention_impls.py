@@ -86,7 +86,8 @@ def markov_batches(vocab, n, batch, seq, seed=0):
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("impl", ["pallas", "cudnn"])
 def test_training_curve_matches_xla_on_gpu(impl):
-    from smedjan.train.step import OptimConfig, init_train_state, make_optimizer, make_train_step
+    from smedjan.runconfig import OptimConfig, ScheduleConfig
+    from smedjan.train.step import init_train_state, make_optimizer, make_train_step
 
     cfg = ModelConfig(
         vocab_size=512,
@@ -100,7 +101,7 @@ def test_training_curve_matches_xla_on_gpu(impl):
     data = markov_batches(cfg.vocab_size, 40, 8, 512)
     curves = {}
     for name in ("xla", impl):
-        opt = make_optimizer(OptimConfig(lr=1e-3, warmup_steps=5, total_steps=40))
+        opt = make_optimizer(OptimConfig(lr=1e-3), ScheduleConfig(warmup_steps=5), total_steps=40)
         state = init_train_state(cfg, jax.random.key(0), opt)
         step = make_train_step(cfg, opt, attn_impl=name, compute_dtype=jnp.bfloat16)
         losses = []

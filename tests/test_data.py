@@ -10,8 +10,8 @@ from conftest import SHARED_DATA
 
 from smedjan.cli import main
 from smedjan.data import DataError, TokenDataset, is_val_doc, iter_documents, prepare, token_dtype
+from smedjan.text import bundled_corpus
 from smedjan.tokenizer import Tokenizer, train_tokenizer
-from smedjan.train.cli import bundled_corpus
 
 
 @pytest.fixture(scope="module")

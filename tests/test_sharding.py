@@ -43,11 +43,12 @@ SCRIPT = textwrap.dedent(r"""
     from smedjan.config import preset
     from smedjan.sharding import make_mesh, param_shardings, batch_sharding
     from smedjan.model.transformer import param_shapes
-    from smedjan.train.step import OptimConfig, make_optimizer, init_train_state, make_train_step
+    from smedjan.runconfig import OptimConfig, ScheduleConfig
+    from smedjan.train.step import make_optimizer, init_train_state, make_train_step
 
     cfg = preset("tiny", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=0, vocab_size=256, tie_word_embeddings=False)
-    opt = make_optimizer(OptimConfig(lr=3e-3, warmup_steps=1, total_steps=10))
+    opt = make_optimizer(OptimConfig(lr=3e-3), ScheduleConfig(warmup_steps=1), total_steps=10)
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 256, size=(8, 33)).astype(np.int32) for _ in range(3)]
     import importlib

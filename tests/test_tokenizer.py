@@ -7,8 +7,8 @@ import pytest
 from conftest import SHARED_DATA
 
 from smedjan.cli import main
+from smedjan.text import bundled_corpus
 from smedjan.tokenizer import BOS, EOS, IM_END, Tokenizer, train_tokenizer
-from smedjan.train.cli import bundled_corpus
 
 SAMPLES = [
     "First Citizen:\nBefore we proceed any further, hear me speak.",

@@ -15,12 +15,13 @@ import pytest
 from smedjan.cli import main
 from smedjan.config import preset
 from smedjan.data import prepare
+from smedjan.runconfig import OptimConfig, ScheduleConfig
+from smedjan.text import bundled_corpus
 from smedjan.tokenizer import train_tokenizer
 from smedjan.train import checkpointing as ck
-from smedjan.train.cli import bundled_corpus
 from smedjan.train.loader import WindowSampler, eval_batches
 from smedjan.train.loss import chunked_cross_entropy, naive_cross_entropy
-from smedjan.train.step import OptimConfig, decay_mask, init_train_state, make_optimizer, make_schedule, make_train_step
+from smedjan.train.step import decay_mask, init_train_state, make_optimizer, make_schedule, make_train_step
 
 # One tiny shape for every CLI run here, so the jitted steps are shared between tests.
 TINY = [
@@ -119,11 +120,11 @@ def test_chunked_cross_entropy_equals_naive(chunk):
 
 # ---- optimizer -------------------------------------------------------------------------------------------
 def test_schedules_and_weight_decay_mask():
-    cos = make_schedule(OptimConfig(lr=1.0, warmup_steps=10, total_steps=100, min_lr_ratio=0.1))
+    cos = make_schedule(OptimConfig(lr=1.0), ScheduleConfig(warmup_steps=10, min_lr_ratio=0.1), 100)
     assert float(cos(0)) == 0.0 and abs(float(cos(10)) - 1.0) < 1e-6
     assert abs(float(cos(100)) - 0.1) < 1e-6 and 0.1 < float(cos(55)) < 1.0
     wsd = make_schedule(
-        OptimConfig(lr=1.0, warmup_steps=10, total_steps=100, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
+        OptimConfig(lr=1.0), ScheduleConfig(kind="wsd", warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.0), 100
     )
     assert abs(float(wsd(10)) - 1.0) < 1e-6 and abs(float(wsd(79)) - 1.0) < 1e-6
     assert abs(float(wsd(90)) - 0.5) < 1e-6 and float(wsd(100)) < 1e-6
@@ -151,7 +152,7 @@ def test_schedules_and_weight_decay_mask():
 
 def test_weight_decay_skips_norms_and_embeddings():
     """With zero gradients only decayed tensors move."""
-    opt = make_optimizer(OptimConfig(lr=0.1, warmup_steps=0, total_steps=10, weight_decay=0.5, clip_norm=0))
+    opt = make_optimizer(OptimConfig(lr=0.1, weight_decay=0.5, clip_norm=0), ScheduleConfig(warmup_steps=0), 10)
     params = {
         "model.norm.weight": jnp.ones(4),
         "model.embed_tokens.weight": jnp.ones((3, 4)),
@@ -176,7 +177,7 @@ def test_grad_accumulation_equals_one_big_batch():
         head_dim=0,
         vocab_size=64,
     )
-    opt = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, total_steps=10))
+    opt = make_optimizer(OptimConfig(lr=1e-2), ScheduleConfig(warmup_steps=0), 10)
     tokens = jax.random.randint(jax.random.key(1), (4, 17), 0, 64)
     results = []
     for accum in (1, 2):
@@ -202,7 +203,7 @@ def test_bf16_compute_and_remat_track_fp32():
         head_dim=0,
         vocab_size=64,
     )
-    opt = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, total_steps=10))
+    opt = make_optimizer(OptimConfig(lr=1e-2), ScheduleConfig(warmup_steps=0), 10)
     tokens = jax.random.randint(jax.random.key(1), (4, 17), 0, 64)
     ref_state = init_train_state(cfg, jax.random.key(0), opt)
     ref = make_train_step(cfg, opt, compute_dtype=None, loss_chunk=16, donate=False)
@@ -391,12 +392,16 @@ def test_bad_options_give_clean_errors(tmp_path, corpus, capsys):
     assert main([*base, "--vocab-size", "256"]) == 1
     err = capsys.readouterr().err
     assert "tokenizer has 512 tokens" in err and "vocab_size is 256" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # a run that failed before its first checkpoint leaves no folder
     assert main([*base, "--seq-len", "4096"]) == 1
     assert "max_position_embeddings" in capsys.readouterr().err
     assert main([*base, "--batch-size", "6", "--grad-accum", "4"]) == 1
     assert "divide" in capsys.readouterr().err
     assert main([*base, "--mesh", "data=3"]) == 1
     assert "devices" in capsys.readouterr().err
+    assert main([*base, "--steps", "-3"]) == 1
+    assert "steps (--steps): must be > 0, got -3" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
     assert main(["train", "--size", "tiny"]) == 1
     assert "--dataset" in capsys.readouterr().err
     assert main(["export-hf", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")]) == 1
@@ -404,20 +409,22 @@ def test_bad_options_give_clean_errors(tmp_path, corpus, capsys):
 
 
 def test_recipe_file_and_flags_layering(tmp_path):
+    from smedjan import runconfig
     from smedjan.cli import build_parser
-    from smedjan.train.cli import resolve_options
 
     recipe = tmp_path / "r.json"
     recipe.write_text(
         json.dumps({"corpus": "bundled", "size": "small", "dim": 96, "steps": 50, "lr": 1e-3, "_comment": "ignored"})
     )
     args = build_parser().parse_args(["train", "--recipe", str(recipe), "--steps", "7", "--layers", "3"])
-    opts, pipeline = resolve_options(args)
-    assert opts["steps"] == 7 and opts["lr"] == 1e-3 and opts["size"] == "small"
-    assert opts["model_overrides"] == {"hidden_size": 96, "num_hidden_layers": 3, "head_dim": 0}
-    assert pipeline == {"corpus": "bundled"}
-    main_job = json.loads(open(os.path.join(os.path.dirname(__file__), "..", "configs", "main_job.json")).read())
-    assert main_job["corpus"] == "bundled"
+    rc = runconfig.from_args(args)
+    assert rc.steps == 7 and rc.optim.lr == 1e-3 and rc.model.size == "small"
+    assert rc.model.overrides == {"hidden_size": 96, "num_hidden_layers": 3, "head_dim": 0}
+    assert rc.data.corpus == ("bundled",)
+    assert rc.schedule.warmup_steps == runconfig.ScheduleConfig().warmup_steps  # untouched: the default
+    main_job = os.path.join(os.path.dirname(__file__), "..", "configs", "main_job.json")
+    rc = runconfig.from_args(build_parser().parse_args(["train", "--recipe", main_job]))
+    assert rc.data.corpus == ("bundled",) and rc.data.tokenizer_vocab == 2048 and rc.steps == 500
 
 
 def test_speed_knobs_resolve_per_backend(monkeypatch):

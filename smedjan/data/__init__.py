@@ -18,16 +18,19 @@ file, and `auto` (default) picks `blank` if the file's first MiB holds a blank l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from smedjan.errors import UserError
-from smedjan.text import DataError, count_input_bytes, expand_inputs, iter_documents
-from smedjan.tokenizer import Tokenizer, TokenizerError
+from smedjan.runconfig import DataConfig
+from smedjan.text import DataError, bundled_corpus, count_input_bytes, expand_inputs, iter_documents
+from smedjan.tokenizer import Tokenizer, TokenizerError, train_tokenizer
 
 HEADER = "header.json"
 FORMAT = "smedjan-tokens-v1"
@@ -198,6 +201,42 @@ class TokenDataset:
 
 
 # ---- CLI -----------------------------------------------------------------------------------------------
+def prepare_corpus(out: Path, data: DataConfig) -> DataConfig:
+    """`data.corpus` -> tokenizer (OUT/tokenizer unless `data.tokenizer`) and OUT/data, each rebuilt only
+    when missing or stale; returns `data` pointing at both."""
+    inputs = [str(bundled_corpus()) if c == "bundled" else c for c in data.corpus]
+    tok_dir = Path(data.tokenizer) if data.tokenizer else out / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        if data.tokenizer:
+            raise DataError(f"{data.tokenizer}: no tokenizer.json")
+        print(
+            f"training a {data.tokenizer_vocab}-token BPE tokenizer on {', '.join(inputs)} -> {tok_dir}",
+            file=sys.stderr,
+        )
+        train_tokenizer(inputs, tok_dir, data.tokenizer_vocab, text_field=data.text_field, split=data.split)
+    data_dir = out / "data"
+    fresh = False
+    try:
+        ds = TokenDataset(data_dir)
+        fresh = (
+            ds.tokenizer_hash == Tokenizer.from_dir(tok_dir).hash
+            and ds.header.get("inputs") == [str(Path(i)) for i in inputs]
+            and ds.header.get("val_fraction") == data.val_fraction
+        )
+    except ValueError:
+        pass
+    if not fresh:
+        print(f"preparing {data_dir}", file=sys.stderr)
+        h = prepare(
+            inputs, tok_dir, data_dir, val_fraction=data.val_fraction, text_field=data.text_field, split=data.split
+        )
+        print(
+            f"  {h['documents']} documents, {h['tokens']:,} tokens (val {h['splits']['val']['tokens']:,})",
+            file=sys.stderr,
+        )
+    return dataclasses.replace(data, dataset=str(data_dir), tokenizer=str(tok_dir))
+
+
 def run(args) -> int:
 
     try:

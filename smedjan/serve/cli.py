@@ -51,6 +51,47 @@ def _warmup(engine, tok):
     return time.perf_counter() - t
 
 
+def check_port(host: str, port: int) -> None:
+    """UserError unless `host:port` can be listened on now (range, permission, already in use)."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: a TCP port is between 0 and 65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # what uvicorn sets: TIME_WAIT is no conflict
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+GENERIC_FOLDER_NAMES = {"hf", "model", "models", "final", "output", "checkpoint", "export", "snapshots"}
+
+
+def served_model_name(model: str, folder: Path) -> str:
+    """The model id clients see: a hub id as given; for a folder, config.json's `_name_or_path` when it
+    names something, else the folder's name, or its parent's for generic names (a run's `RUN/hf` -> RUN)."""
+    import json
+
+    if not Path(model).exists():
+        return str(model)  # fetched from the hub: its repo id
+    try:
+        named = json.loads((folder / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    if isinstance(named, str) and named.strip() and not Path(named).is_absolute():
+        return named
+    path = Path(model).resolve()
+    if path.name.lower() in GENERIC_FOLDER_NAMES and path.parent.name:
+        return f"{path.parent.name}"
+    return path.name
+
+
 def _cmd_serve(args):
 
     try:
@@ -63,9 +104,10 @@ def _cmd_serve(args):
         raise UserError("--max-batch must be at least 1")
     if args.max_body_bytes < 1024:
         raise UserError("--max-body-bytes must be at least 1024")
+    check_port(args.host, args.port)  # before minutes of loading and compiling, not after
     folder, cfg, params, tok, max_seq_len, stops = _load(args)
     engine = _engine(args, cfg, params, tok, max_seq_len, stops, args.max_batch).start()
-    name = args.model_name or Path(str(args.model).rstrip("/")).name
+    name = args.model_name or served_model_name(args.model, folder)
     if not args.no_warmup:
         print("compiling... ", end="", file=sys.stderr, flush=True)
         print(f"{_warmup(engine, tok):.1f}s", file=sys.stderr)
@@ -212,7 +254,14 @@ def register(subparsers):
         metavar="HOST",
         help="answer only requests whose Host header is this (repeatable; '*.example.com' allowed; default: any)",
     )
-    p.add_argument("--model-name", default=None, help="model id clients use (default: the folder name)")
+    p.add_argument(
+        "--served-model-name",
+        "--model-name",
+        dest="model_name",
+        default=None,
+        help="model id clients use (default: a hub id as given; config.json's _name_or_path; the folder's "
+        "name, or the run's name for RUN/hf)",
+    )
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=_cmd_serve)

@@ -22,90 +22,17 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-PEAK_FLOPS = {  # dense bf16 per device
-    "H100": 989e12,
-    "H200": 989e12,
-    "GH200": 989e12,
-    "A100": 312e12,
-}
+from smedjan.hardware import peak_flops_for
+from smedjan.runconfig import RunConfig
 
 
 class TrainError(ValueError):
     """Bad options for a run (printed as one line by the CLI)."""
-
-
-@dataclass
-class RunConfig:
-    dataset: str = ""
-    tokenizer: str = ""
-    out: str = "runs/run"
-    size: str = "small"
-    model_overrides: dict = field(default_factory=dict)
-    steps: int = 1000
-    batch_size: int = 16
-    seq_len: int = 256
-    grad_accum: int = 1
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    schedule: str = "cosine"
-    decay_fraction: float = 0.2
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    clip_norm: float = 1.0
-    precision: str = "auto"  # bf16 | fp32 | auto (bf16 on accelerators, fp32 on CPU)
-    remat: str = "auto"  # auto: measured best per backend (see train.step.speed_knobs)
-    attn_impl: str = "auto"
-    loss_chunk: int | None = None  # None: measured best per backend
-    eval_every: int = 200
-    eval_batches: int = 20
-    log_every: int = 10
-    save_every: int = 500
-    keep: int = 3
-    seed: int = 0
-    stream: bool = False
-    mesh: str | None = None
-    distributed: bool = False
-    resume: bool = False
-    strict_resume: bool = False  # a damaged newest checkpoint stops --resume instead of falling back
-    stop_after: int | None = None
-    peak_flops: float | None = None
-    samples: int = 0
-    sample_tokens: int = 120
-    sample_prompt: str = ""
-    progress: bool = True
-    export: bool = True
-
-    def optim(self):
-        from smedjan.train.step import OptimConfig
-
-        return OptimConfig(
-            lr=self.lr,
-            min_lr_ratio=self.min_lr_ratio,
-            warmup_steps=self.warmup_steps,
-            total_steps=self.steps,
-            schedule=self.schedule,
-            decay_fraction=self.decay_fraction,
-            weight_decay=self.weight_decay,
-            b1=self.b1,
-            b2=self.b2,
-            clip_norm=self.clip_norm,
-        )
-
-
-def peak_flops_per_device(device) -> float | None:
-    kind = getattr(device, "device_kind", "") or ""
-    for name, value in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return value
-    return None
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -116,11 +43,11 @@ def build_model_config(rc: RunConfig, tokenizer):
     """The run's ModelConfig: preset/config + overrides; vocab = tokenizer's rounded up to 64."""
     from smedjan.config import ConfigError, resolve_config
 
-    overrides = dict(rc.model_overrides)
+    overrides = dict(rc.model.overrides)
     overrides.setdefault("vocab_size", round_up(tokenizer.vocab_size, 64))
     overrides.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     try:
-        cfg = resolve_config(rc.size, **overrides)
+        cfg = resolve_config(rc.model.size, **overrides)
     except (ConfigError, TypeError) as e:
         raise TrainError(str(e)) from None
     return cfg
@@ -140,11 +67,11 @@ def check_model_fits(cfg, tokenizer, seq_len: int) -> None:
 
 
 @lru_cache(maxsize=8)
-def _compiled_steps(model_cfg, optim_cfg, attn_impl, remat, compute_dtype, grad_accum, loss_chunk, mesh):
+def _compiled_steps(model_cfg, optim, schedule, steps, attn_impl, remat, compute_dtype, grad_accum, loss_chunk, mesh):
     """One jitted train/eval step per configuration per process (re-used by repeated runs/tests)."""
     from smedjan.train.step import make_eval_step, make_optimizer, make_train_step
 
-    optimizer = make_optimizer(optim_cfg)
+    optimizer = make_optimizer(optim, schedule, steps)
     step = make_train_step(
         model_cfg,
         optimizer,
@@ -249,12 +176,39 @@ def evaluate(eval_step, params, batches, put) -> float:
 
 
 def train(rc: RunConfig) -> dict:
-    """Run (or resume) a training run; returns a summary dict (final step, losses, paths)."""
+    """Run (or resume) a training run; returns a summary dict (final step, losses, paths).
+
+    A run that fails before its first checkpoint leaves no half-made run folder behind: a folder this
+    call created is removed again, except the tokenizer and data that `--corpus` built (work worth keeping).
+    """
+    rc = rc.validate()
+    out = Path(rc.out)
+    created = not out.exists()
+    try:
+        return _run(rc)
+    except BaseException:
+        if created and out.is_dir() and not (out / "checkpoints").is_dir():
+            _remove_run_folder(out, keep=("tokenizer", "data") if rc.data.corpus else ())
+        raise
+
+
+def _remove_run_folder(out: Path, keep: tuple[str, ...]) -> None:
+    try:
+        for p in out.iterdir():
+            if p.name not in keep:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if not any(out.iterdir()):
+            out.rmdir()
+    except OSError:  # another process of a multi-host run got there first: its cleanup, not ours
+        pass
+
+
+def _run(rc: RunConfig) -> dict:
     import jax
     import jax.numpy as jnp
 
     from smedjan.config import ModelConfig
-    from smedjan.data import TokenDataset
+    from smedjan.data import TokenDataset, prepare_corpus
     from smedjan.sharding import (
         ShardingError,
         batch_divisor,
@@ -269,26 +223,28 @@ def train(rc: RunConfig) -> dict:
     from smedjan.train.loader import Prefetcher, WindowSampler, eval_batches
     from smedjan.train.step import _init_fn, init_train_state, make_schedule, state_shardings
 
-    if rc.distributed:
+    if rc.mesh.distributed:
         initialize_distributed()
     main = jax.process_index() == 0
     out = Path(rc.out)
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- data & tokenizer ----
-    ds = TokenDataset(rc.dataset)
-    ds.check_tokenizer(rc.tokenizer)
-    tokenizer = Tokenizer.from_dir(rc.tokenizer)
+    if rc.data.corpus:
+        rc = dataclasses.replace(rc, data=prepare_corpus(out, rc.data))
+    ds = TokenDataset(rc.data.dataset)
+    ds.check_tokenizer(rc.data.tokenizer)
+    tokenizer = Tokenizer.from_dir(rc.data.tokenizer)
     tok_copy = out / "tokenizer"
-    if main and Path(rc.tokenizer).resolve() != tok_copy.resolve():
+    if main and Path(rc.data.tokenizer).resolve() != tok_copy.resolve():
         tok_copy.mkdir(exist_ok=True)
         for name in TOKENIZER_FILES_COPIED:
-            if (Path(rc.tokenizer) / name).is_file():
-                shutil.copy2(Path(rc.tokenizer) / name, tok_copy / name)
+            if (Path(rc.data.tokenizer) / name).is_file():
+                shutil.copy2(Path(rc.data.tokenizer) / name, tok_copy / name)
 
     # ---- model ----
-    resuming = rc.resume and bool(ck.checkpoints(out))
-    if rc.resume and not resuming:
+    resuming = rc.ckpt.resume and bool(ck.checkpoints(out))
+    if rc.ckpt.resume and not resuming:
         print(f"--resume: no checkpoint in {out}/checkpoints, starting from scratch", file=sys.stderr)
     if resuming and (out / "model_config.json").is_file():
         model_cfg = ModelConfig.from_json_file(out / "model_config.json")
@@ -297,11 +253,11 @@ def train(rc: RunConfig) -> dict:
     check_model_fits(model_cfg, tokenizer, rc.seq_len)
     if main:
         (out / "model_config.json").write_text(json.dumps(model_cfg.to_hf_dict(), indent=2))
-        (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(rc), indent=2))
+        (out / "run_config.json").write_text(json.dumps(rc.to_dict(), indent=2))
 
     # ---- mesh & step ----
     try:
-        mesh = make_mesh(rc.mesh)
+        mesh = make_mesh(rc.mesh.shape)
     except ShardingError as e:
         raise TrainError(str(e)) from None
     div = batch_divisor(mesh)
@@ -310,15 +266,22 @@ def train(rc: RunConfig) -> dict:
             f"--batch-size {rc.batch_size} must divide by --grad-accum {rc.grad_accum} and each "
             f"micro-batch ({rc.batch_size}/{rc.grad_accum}) by data·fsdp = {div}"
         )
-    if rc.precision not in ("auto", "bf16", "fp32"):
-        raise TrainError(f"--precision must be bf16, fp32 or auto, got {rc.precision!r}")
-    precision = rc.precision
+    precision = rc.compute.precision
     if precision == "auto":
         precision = "fp32" if jax.default_backend() == "cpu" else "bf16"
     compute_dtype = jnp.bfloat16 if precision == "bf16" else None
-    optim_cfg = rc.optim()
+    c = rc.compute
     optimizer, train_step, eval_step = _compiled_steps(
-        model_cfg, optim_cfg, rc.attn_impl, rc.remat, compute_dtype, rc.grad_accum, rc.loss_chunk, mesh
+        model_cfg,
+        rc.optim,
+        rc.schedule,
+        rc.steps,
+        c.attn_impl,
+        c.remat,
+        compute_dtype,
+        rc.grad_accum,
+        c.loss_chunk,
+        mesh,
     )
     st_sh = state_shardings(model_cfg, optimizer, mesh)
     b_sh = batch_sharding(mesh)
@@ -330,17 +293,17 @@ def train(rc: RunConfig) -> dict:
         template = jax.eval_shape(_init_fn(model_cfg, optimizer, jnp.float32), jax.random.key(rc.seed))
         say = (lambda msg: print(msg, file=sys.stderr)) if main else (lambda msg: None)
         try:
-            restored = ck.restore_latest(out, template, st_sh, strict=rc.strict_resume, say=say)
+            restored = ck.restore_latest(out, template, st_sh, strict=rc.ckpt.strict_resume, say=say)
         except ck.CheckpointError as e:
             raise TrainError(str(e)) from None
     if restored is not None:
         state, meta, latest = restored
         start = int(meta["step"])
         if meta.get("dataset_tokenizer_sha256") not in (None, ds.tokenizer_hash):
-            raise TrainError(f"{latest} was trained on data from another tokenizer than {rc.dataset}")
+            raise TrainError(f"{latest} was trained on data from another tokenizer than {rc.data.dataset}")
         if meta.get("seed", rc.seed) != rc.seed:
             print(f"--resume: the checkpoint used --seed {meta['seed']}, continuing with it", file=sys.stderr)
-            rc.seed = int(meta["seed"])
+            rc = dataclasses.replace(rc, seed=int(meta["seed"]))
         if main:
             print(f"resumed from {latest} (step {start}, data position {meta['data_position']})")
     else:
@@ -351,18 +314,22 @@ def train(rc: RunConfig) -> dict:
     # ---- data pipeline ----
     try:
         sampler = WindowSampler(
-            ds.tokens("train", stream=rc.stream), rc.batch_size, rc.seq_len, rc.seed, rows=process_rows(rc.batch_size)
+            ds.tokens("train", stream=rc.data.stream),
+            rc.batch_size,
+            rc.seq_len,
+            rc.seed,
+            rows=process_rows(rc.batch_size),
         )
     except ValueError as e:
         raise TrainError(str(e)) from None
-    val = eval_batches(ds.tokens("val", stream=rc.stream), rc.batch_size, rc.seq_len, rc.eval_batches)
+    val = eval_batches(ds.tokens("val", stream=rc.data.stream), rc.batch_size, rc.seq_len, rc.log.eval_batches)
     put = lambda a: put_batch(a, b_sh)  # noqa: E731
     rows = process_rows(rc.batch_size)
     put_eval = lambda a: put_batch(a[rows], b_sh)  # noqa: E731  (eval batches are built whole on every host)
-    schedule = make_schedule(optim_cfg)
+    schedule = make_schedule(rc.optim, rc.schedule, rc.steps)
 
     n_dev = jax.device_count()
-    peak = rc.peak_flops or (peak_flops_per_device(jax.devices()[0]) or 0) * n_dev or None
+    peak = rc.log.peak_flops or (peak_flops_for(jax.devices()[0].device_kind) or 0) * n_dev or None
     flops_per_step = model_cfg.flops_per_token(rc.seq_len) * rc.batch_size * rc.seq_len
     logger = _Logger(out / "log.jsonl", main)
     summary = {
@@ -379,16 +346,16 @@ def train(rc: RunConfig) -> dict:
             "data_position": step,
             "seed": rc.seed,
             "sampler": "window-v1",
-            "dataset": str(Path(rc.dataset).resolve()),
+            "dataset": str(Path(rc.data.dataset).resolve()),
             "dataset_tokenizer_sha256": ds.tokenizer_hash,
             "batch_size": rc.batch_size,
             "seq_len": rc.seq_len,
             "model_config": model_cfg.to_hf_dict(),
-            "run_config": dataclasses.asdict(rc),
+            "run_config": rc.to_dict(),
             "time": time.time(),
         }
 
-    writer = ck.CheckpointWriter(out, keep=rc.keep)
+    writer = ck.CheckpointWriter(out, keep=rc.ckpt.keep)
 
     def save(step):
         return writer.save(state, meta_for(step))  # written in the background; `writer.close()` waits
@@ -404,7 +371,7 @@ def train(rc: RunConfig) -> dict:
 
     from tqdm import tqdm
 
-    bar = tqdm(total=rc.steps, initial=start, desc="train", disable=not (rc.progress and main), dynamic_ncols=True)
+    bar = tqdm(total=rc.steps, initial=start, desc="train", disable=not (rc.log.progress and main), dynamic_ncols=True)
     if main:
         print(
             f"model {model_cfg.num_params() / 1e6:.2f}M params, vocab {model_cfg.vocab_size}, {precision}, "
@@ -429,8 +396,8 @@ def train(rc: RunConfig) -> dict:
                 pending.append((step, metrics))
                 done_now = step - start
                 last = step == rc.steps
-                stop_now = stop.requested or (rc.stop_after is not None and done_now >= rc.stop_after)
-                if step % rc.log_every == 0 or last or stop_now:
+                stop_now = stop.requested or (rc.ckpt.stop_after is not None and done_now >= rc.ckpt.stop_after)
+                if step % rc.log.log_every == 0 or last or stop_now:
                     fetched = jax.device_get([m for _, m in pending])  # the only host sync of the loop
                     now = time.time()
                     dt = max(now - t_last, 1e-9)
@@ -455,12 +422,12 @@ def train(rc: RunConfig) -> dict:
                     bar.update(step - bar.n)
                     pending.clear()
                     t_last, step_last = time.time(), step
-                if rc.eval_every and step % rc.eval_every == 0 and not last:
+                if rc.log.eval_every and step % rc.log.eval_every == 0 and not last:
                     vl = run_eval(step)
                     if vl is not None:
                         bar.write(f"step {step}: val loss {vl:.4f}, ppl {math.exp(min(vl, 50)):.2f}")
                     t_last = time.time()
-                if rc.save_every and step % rc.save_every == 0 and not last:
+                if rc.ckpt.save_every and step % rc.ckpt.save_every == 0 and not last:
                     save(step)
                     t_last = time.time()
                 if stop_now and not last:
@@ -487,18 +454,18 @@ def train(rc: RunConfig) -> dict:
 
     vl = run_eval(step)
     path = save(step)
-    params = _host_params(state.params) if (rc.export or rc.samples) else None
+    params = _host_params(state.params) if (rc.ckpt.export or rc.log.samples) else None
     writer.close()
     summary["checkpoint"] = str(path)
     if main and vl is not None:
         print(f"step {step}: val loss {vl:.4f}, perplexity {math.exp(min(vl, 50)):.2f}")
-    if rc.export and main:
+    if rc.ckpt.export and main:
         from smedjan.checkpoint import save_hf
 
         hf = save_hf(out / "hf", model_cfg, params, tokenizer_dir=tok_copy)
         summary["hf_dir"] = str(hf)
         print(f"saved Hugging Face folder {hf}")
-    if rc.samples and main:
+    if rc.log.samples and main:
         summary["samples"] = print_samples(params, model_cfg, tokenizer, rc)
     logger.close()
     return summary
@@ -516,23 +483,20 @@ def _host_params(params) -> dict:
 
 
 def print_samples(params, model_cfg, tokenizer, rc: RunConfig) -> list[str]:
-    """A few sampled continuations (smedjan.generate's KV-cache decoder, else a plain loop)."""
+    """A few sampled continuations (smedjan.generate's KV-cache decoder)."""
     import jax
 
-    prompts = [rc.sample_prompt] if rc.sample_prompt else ["", "ROMEO:", "First Citizen:\n"]
-    prompts = (prompts * rc.samples)[: rc.samples]
+    prompts = [rc.log.sample_prompt] if rc.log.sample_prompt else ["", "ROMEO:", "First Citizen:\n"]
+    prompts = (prompts * rc.log.samples)[: rc.log.samples]
     ids = [tokenizer.encode(p, add_bos=True) for p in prompts]
     params = jax.device_get(params)
-    try:
-        from smedjan.generate import generate
-    except ImportError:
-        print("smedjan.generate is not available in this checkout: no samples", file=sys.stderr)
-        return []
+    from smedjan.generate import generate
+
     outs = generate(
         params,
         model_cfg,
         ids,
-        max_new_tokens=rc.sample_tokens,
+        max_new_tokens=rc.log.sample_tokens,
         temperature=0.8,
         top_k=50,
         seed=rc.seed,

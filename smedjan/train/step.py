@@ -2,9 +2,10 @@
 
 Typical use::
 
-    from smedjan.train.step import OptimConfig, make_optimizer, init_train_state, make_train_step
+    from smedjan.runconfig import OptimConfig, ScheduleConfig
+    from smedjan.train.step import make_optimizer, init_train_state, make_train_step
 
-    opt = make_optimizer(OptimConfig(lr=3e-4, warmup_steps=100, total_steps=1000))
+    opt = make_optimizer(OptimConfig(lr=3e-4), ScheduleConfig(warmup_steps=100), total_steps=1000)
     state = init_train_state(model_cfg, jax.random.key(0), opt, mesh=mesh)
     step = make_train_step(model_cfg, opt, remat="dots", grad_accum=2, mesh=mesh)
     state, metrics = step(state, {"tokens": tokens})   # tokens int32 [B, S+1]
@@ -14,9 +15,7 @@ Typical use::
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from dataclasses import dataclass
 from functools import partial, wraps
 from typing import Any, NamedTuple
 
@@ -26,34 +25,8 @@ import optax
 
 from smedjan.config import ModelConfig
 from smedjan.model.transformer import default_scan_unroll, forward, init_params, lm_head, param_shapes
+from smedjan.runconfig import OptimConfig, ScheduleConfig
 from smedjan.train.loss import chunked_cross_entropy
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """AdamW + schedule hyper-parameters (`make_optimizer` also takes a dict of these fields)."""
-
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # final lr = lr · min_lr_ratio
-    warmup_steps: int = 100
-    total_steps: int = 1000
-    schedule: str = "cosine"  # "cosine" | "wsd" (warmup-stable-decay) | "constant"
-    decay_fraction: float = 0.2  # wsd: share of steps spent decaying linearly at the end
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    clip_norm: float = 1.0  # global-norm gradient clipping (0 = off)
-
-    @classmethod
-    def from_any(cls, cfg) -> OptimConfig:
-        if isinstance(cfg, cls):
-            return cfg
-        if isinstance(cfg, dict):
-            names = {f.name for f in dataclasses.fields(cls)}
-            return cls(**{k: v for k, v in cfg.items() if k in names})
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: getattr(cfg, k) for k in names if hasattr(cfg, k)})
 
 
 class TrainState(NamedTuple):
@@ -64,29 +37,27 @@ class TrainState(NamedTuple):
     step: jax.Array
 
 
-def make_schedule(cfg) -> optax.Schedule:
-    cfg = OptimConfig.from_any(cfg)
-    total = max(1, cfg.total_steps)
-    warm = min(max(0, cfg.warmup_steps), total - 1) if total > 1 else 0
-    floor = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warm, max(total, warm + 1), end_value=floor)
-    if cfg.schedule == "constant":
-        return optax.join_schedules(
-            [optax.linear_schedule(0.0, cfg.lr, max(warm, 1)), optax.constant_schedule(cfg.lr)], [warm]
-        )
-    if cfg.schedule == "wsd":
-        decay = max(1, int(round(total * cfg.decay_fraction)))
+def make_schedule(optim: OptimConfig, schedule: ScheduleConfig, total_steps: int) -> optax.Schedule:
+    """Learning rate per step: warmup to `optim.lr`, then cosine / constant / warmup-stable-decay."""
+    total = max(1, total_steps)
+    warm = min(max(0, schedule.warmup_steps), total - 1) if total > 1 else 0
+    lr, floor = optim.lr, optim.lr * schedule.min_lr_ratio
+    if schedule.kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(total, warm + 1), end_value=floor)
+    if schedule.kind == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warm, 1)), optax.constant_schedule(lr)], [warm])
+    if schedule.kind == "wsd":
+        decay = max(1, int(round(total * schedule.decay_fraction)))
         stable = max(0, total - warm - decay)
         return optax.join_schedules(
             [
-                optax.linear_schedule(0.0, cfg.lr, max(warm, 1)),
-                optax.constant_schedule(cfg.lr),
-                optax.linear_schedule(cfg.lr, floor, decay),
+                optax.linear_schedule(0.0, lr, max(warm, 1)),
+                optax.constant_schedule(lr),
+                optax.linear_schedule(lr, floor, decay),
             ],
             [warm, warm + stable],
         )
-    raise ValueError(f"schedule must be cosine, wsd or constant, got {cfg.schedule!r}")
+    raise ValueError(f"schedule must be cosine, wsd or constant, got {schedule.kind!r}")
 
 
 _NO_DECAY = re.compile(r"(norm\.weight|\.bias|embed_tokens\.weight)$")
@@ -97,16 +68,17 @@ def decay_mask(params: dict) -> dict:
     return {k: not _NO_DECAY.search(k) for k in params}
 
 
-def make_optimizer(cfg_train) -> optax.GradientTransformation:
+def make_optimizer(
+    optim: OptimConfig, schedule: ScheduleConfig | None = None, total_steps: int = 1000
+) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW on the schedule, decay masked by parameter name."""
-    cfg = OptimConfig.from_any(cfg_train)
+    schedule = schedule or ScheduleConfig()
     parts = []
-    if cfg.clip_norm and cfg.clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    if optim.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(optim.clip_norm))
+    lr = make_schedule(optim, schedule, total_steps)
     parts.append(
-        optax.adamw(
-            make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
-        )
+        optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay, mask=decay_mask)
     )
     return optax.chain(*parts)
 
