@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 
 from smedjan.checkpoint import CheckpointError, load_config
 from smedjan.config import human
 from smedjan.errors import UserError
 
-CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "hub_cards" / "model_card.md"
+CARD_TEMPLATE = resources.files("smedjan") / "cards" / "model_card.md"  # shipped inside the package
 
 
 def render_model_card(folder: str | Path, repo_id: str, license: str = "apache-2.0") -> str:

@@ -73,3 +73,21 @@ def test_train_refuses_nonsense_numbers_before_any_work(capsys, tmp_path, flag):
     err = _err(capsys, ["train", "--corpus", "bundled", flag, "-3", "--out", str(out)])
     assert f"({flag}): must be > 0" in err
     assert not out.exists()
+
+
+def test_a_relative_out_folder_trains_saves_and_resumes(tmp_path, monkeypatch, capsys):
+    """The README's main job writes to runs/main_job: a relative --out must work end to end."""
+    monkeypatch.chdir(tmp_path)
+    from smedjan.data import prepare
+    from smedjan.text import bundled_corpus
+    from smedjan.tokenizer import train_tokenizer
+
+    train_tokenizer([str(bundled_corpus())], "tok", vocab_size=300, progress=False)
+    prepare([str(bundled_corpus())], "tok", "data", val_fraction=0.05, progress=False)
+    argv = ["train", "--dataset", "data", "--tokenizer", "tok", "--size", "tiny", "--dim", "32", "--layers", "1",
+            "--heads", "2", "--ffn-dim", "64", "--seq-len", "16", "--batch-size", "2", "--eval-batches", "1",
+            "--no-progress", "--out", "runs/rel", "--steps", "3"]  # fmt: skip
+    assert main([*argv, "--stop-after", "2"]) == 0
+    assert main([*argv, "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "rel" / "hf" / "model.safetensors").is_file()

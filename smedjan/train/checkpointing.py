@@ -179,7 +179,7 @@ class CheckpointWriter:
     def __init__(self, run_dir: str | os.PathLike, keep: int = 3, asynchronous: bool = True):
         import orbax.checkpoint as ocp
 
-        self.root = Path(run_dir) / CKPT_DIR
+        self.root = Path(run_dir).absolute() / CKPT_DIR  # orbax refuses relative paths (`--out runs/x`)
         self.keep = keep
         self.asynchronous = asynchronous
         self._ocp = ocp
@@ -279,7 +279,7 @@ def load_checkpoint(ckpt: str | os.PathLike, template, shardings=None, verify: b
     shardings: a pytree of Shardings matching `template` (None: the default device); the mesh may
     differ from the one that saved it. verify: check the manifest's checksums first.
     """
-    ckpt = Path(ckpt)
+    ckpt = Path(ckpt).absolute()  # orbax refuses relative paths
     meta = check_checkpoint(ckpt) if verify else read_meta(ckpt)
     if not (ckpt / STATE).is_dir():
         return _load_legacy(ckpt, template, shardings), meta
@@ -323,7 +323,7 @@ def _check_shapes(ckpt: Path, saved, template) -> None:
 def load_params(ckpt: str | os.PathLike, names: dict[str, tuple], verify: bool = True) -> dict[str, np.ndarray]:
     """Only the parameters (`names`: HF name -> expected shape) as numpy, for export: no optimizer state
     is read, no device used."""
-    ckpt = Path(ckpt)
+    ckpt = Path(ckpt).absolute()  # orbax refuses relative paths
     (check_checkpoint if verify else read_meta)(ckpt)
     if not (ckpt / STATE).is_dir():
         return _legacy_params(ckpt, names)
