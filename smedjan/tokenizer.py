@@ -148,15 +148,24 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def compile_chat_template(self):
+        """The compiled template; a TokenizerError naming the file if it does not parse (so a server
+        can refuse a broken one at startup rather than at every chat request)."""
+        if self._compiled_template is None:
+            try:
+                self._compiled_template = _compile_template(self.chat_template or DEFAULT_CHAT_TEMPLATE)
+            except Exception as e:
+                raise self._template_error(e) from None
+        return self._compiled_template
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """Render `messages` with the folder's jinja template, the way transformers does.
 
         The template is code from the folder, run sandboxed: whatever it raises (a syntax error, a
         blocked attribute, its own raise_exception) is a TokenizerError naming where it came from."""
+        template = self.compile_chat_template()
         try:
-            if self._compiled_template is None:
-                self._compiled_template = _compile_template(self.chat_template or DEFAULT_CHAT_TEMPLATE)
-            return self._compiled_template.render(
+            return template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
@@ -165,9 +174,12 @@ class Tokenizer:
                 **kwargs,
             )
         except Exception as e:
-            where = self._template_source if self.chat_template else "the default chat template"
-            reason = f"the chat template failed: {type(e).__name__}: {e}"
-            raise TokenizerError(f"{where}: {reason}", reason) from None
+            raise self._template_error(e) from None
+
+    def _template_error(self, e: Exception) -> TokenizerError:
+        where = self._template_source if self.chat_template else "the default chat template"
+        reason = f"the chat template failed: {type(e).__name__}: {e}"
+        return TokenizerError(f"{where}: {reason}", reason)
 
 
 def _token_str(tok) -> str | None:

@@ -220,6 +220,12 @@ def test_broken_template_in_chat(good, tmp_path, capsys, monkeypatch, case):
     assert_one_line_error(rc, err, "chat", expected, "tokenizer_config.json")
 
 
+def test_serve_refuses_a_template_that_does_not_parse(good, tmp_path, capsys):
+    folder = _damaged(good, tmp_path, TEMPLATE_DAMAGE[0][1])
+    rc, err = _run(capsys, ["serve", str(folder), "--port", "0", "--no-warmup"])
+    assert_one_line_error(rc, err, "serve", "TemplateSyntaxError", "tokenizer_config.json")
+
+
 def _text_file(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

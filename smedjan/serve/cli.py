@@ -17,6 +17,7 @@ def _load(args):
         folder, cfg, params, tok = load_model(args.model, dtype=default_dtype(args.dtype))
     except (CheckpointError, FileNotFoundError, OSError) as e:
         raise UserError(str(e)) from None
+    tok.compile_chat_template()  # a template that does not parse is refused now, not at every request
     if tok.vocab_size > cfg.vocab_size:
         print(f"warning: tokenizer has {tok.vocab_size} tokens, the model {cfg.vocab_size}", file=sys.stderr)
     max_seq_len = args.max_seq_len or cfg.max_position_embeddings
