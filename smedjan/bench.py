@@ -454,9 +454,10 @@ def log(args, msg):
         print(msg, file=sys.stderr, flush=True)
 
 
-# (iters, repeats, warmup) when not given: accelerators get long chunks for stable medians; on CPU a step
-# takes milliseconds to seconds, and a few of them give a useful table in well under a minute.
-TIMING_DEFAULTS = {"cpu": (5, 3, 1), "accelerator": (20, 5, 3)}
+# (iters, repeats, warmup, decode tokens) when not given: accelerators get long chunks for stable medians;
+# on CPU, where compiling dominates and a step takes milliseconds to seconds, a few steps and 16 decoded
+# tokens give the table for `--size tiny` in under a minute on 2 cores (decode tokens None: seq_len / 2).
+TIMING_DEFAULTS = {"cpu": (3, 3, 1, 16), "accelerator": (20, 5, 3, None)}
 
 
 def run(args) -> int:
@@ -466,7 +467,7 @@ def run(args) -> int:
     from smedjan.info import model_overrides
 
     timing = TIMING_DEFAULTS["cpu" if jax.default_backend() == "cpu" else "accelerator"]
-    for name, default in zip(("iters", "repeats", "warmup"), timing):
+    for name, default in zip(("iters", "repeats", "warmup", "decode_tokens"), timing):
         if getattr(args, name) is None:
             setattr(args, name, default)
     for name in ("batch", "seq_len", "iters", "repeats"):
@@ -519,10 +520,12 @@ def add_bench_args(p) -> None:
     p.add_argument("--loss-chunk", type=int, default=None, help="train step's cross-entropy chunk (tokens)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--columns", default=",".join(COLUMNS), help="comma list of forward,decode,train")
-    p.add_argument("--iters", type=int, help="timed steps per repeat (default: 20 on accelerators, 5 on CPU)")
+    p.add_argument("--iters", type=int, help="timed steps per repeat (default: 20 on accelerators, 3 on CPU)")
     p.add_argument("--repeats", type=int, help="repeats; the median is reported (default: 5, CPU 3)")
     p.add_argument("--warmup", type=int, help="untimed steps first, compile included (default: 3, CPU 1)")
-    p.add_argument("--decode-tokens", type=int, default=None, help="decoded tokens per repeat (default seq_len/2)")
+    p.add_argument(
+        "--decode-tokens", type=int, default=None, help="decoded tokens per repeat (default: seq_len/2; CPU 16)"
+    )
     p.add_argument(
         "--peer",
         choices=["none", "torch"],

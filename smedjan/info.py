@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from smedjan import runconfig
@@ -9,7 +10,7 @@ from smedjan.config import ConfigError, human, memory_report, resolve_config
 from smedjan.errors import UserError
 
 
-def add_model_args(p) -> None:
+def add_model_args(p: argparse._ActionsContainer) -> None:
     """Custom-shape flags shared by every command that builds a model from a preset."""
     p.add_argument("--dim", type=int, help="hidden size")
     p.add_argument("--layers", type=int, help="number of layers")
@@ -20,12 +21,12 @@ def add_model_args(p) -> None:
     p.add_argument("--max-seq-len", type=int, help="max_position_embeddings")
 
 
-def model_overrides(args) -> dict:
+def model_overrides(args: argparse.Namespace) -> dict:
     """config.json overrides from the parsed --dim/--layers/... flags."""
     return runconfig.model_overrides(vars(args))
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = resolve_config(args.model, **model_overrides(args))
@@ -50,7 +51,7 @@ def run(args) -> int:
     return 0
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a model's config, parameter count and memory")
     p.add_argument("model", help="preset name (tiny, small, medium, 125m, 350m, 1b, 3b, 6.5b) or checkpoint folder")
     add_model_args(p)

@@ -23,10 +23,12 @@ fields (`add_arguments`), so a flag, a recipe key and a dataclass field cannot d
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,7 +41,7 @@ class RunConfigError(UserError):
 
 
 # ---- field declarations --------------------------------------------------------------------------------
-def opt(default: Any, help: str = "", *, check: str | None = None, choices: tuple | None = None, **meta: Any):
+def opt(default: Any, help: str = "", *, check: str | None = None, choices: tuple | None = None, **meta: Any) -> Any:
     """A config field with its CLI help and its check.
 
     check: "positive" (> 0), "nonneg" (>= 0), "unit" (0 <= x <= 1), "open_unit" (0 <= x < 1).
@@ -430,12 +432,12 @@ GROUPS = {  # CLI help groups: section -> group title (top-level scalars go to "
 }
 
 
-def add_arguments(parser, model_args) -> None:
+def add_arguments(parser: argparse.ArgumentParser, model_args: Callable[[Any], None]) -> None:
     """One flag per field (default None = not given, so a recipe's value survives); `model_args(group)`
     adds the --dim/--layers/... shorthands."""
     groups = {}
 
-    def group(title):
+    def group(title: str) -> Any:
         if title not in groups:
             groups[title] = parser.add_argument_group(title)
         return groups[title]
@@ -465,7 +467,7 @@ def add_arguments(parser, model_args) -> None:
         g.add_argument(flag_of(f), **kw)
 
 
-def from_args(args) -> RunConfig:
+def from_args(args: argparse.Namespace) -> RunConfig:
     """RunConfig from parsed flags over the `--recipe` file over the defaults."""
     recipe = load_recipe(args.recipe) if getattr(args, "recipe", None) else {}
     rc = from_dict(recipe, source=f"--recipe {args.recipe}") if recipe else RunConfig()

@@ -15,12 +15,13 @@ import json
 from pathlib import Path
 
 from smedjan import runconfig
+from smedjan.config import ModelConfig
 from smedjan.errors import UserError
 from smedjan.info import add_model_args
 from smedjan.text import bundled_corpus  # noqa: F401  (the packaged corpus, imported from here by tests)
 
 
-def run_train(args) -> int:
+def run_train(args: argparse.Namespace) -> int:
     from smedjan.tokenizer import TokenizerError
     from smedjan.train.checkpointing import CheckpointError
     from smedjan.train.loop import train
@@ -39,7 +40,7 @@ def run_train(args) -> int:
     return 0
 
 
-def run_export(args) -> int:
+def run_export(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
     from safetensors import SafetensorError
 
@@ -55,9 +56,9 @@ def run_export(args) -> int:
     return 0
 
 
-def load_run_params(run_dir, step: int | None = None):
+def load_run_params(run_dir: str | Path, step: int | None = None) -> tuple[dict, ModelConfig, Path | None, int]:
     """(params as numpy, ModelConfig, tokenizer folder or None, step) of a run's checkpoint."""
-    from smedjan.config import ConfigError, ModelConfig
+    from smedjan.config import ConfigError
     from smedjan.model.transformer import param_shapes
     from smedjan.train import checkpointing as ck
 
@@ -84,7 +85,7 @@ def load_run_params(run_dir, step: int | None = None):
     return params, cfg, (tok_dir if (tok_dir / "tokenizer.json").is_file() else None), step
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="pre-train a model on a prepared dataset (or --corpus bundled)",
