@@ -241,8 +241,12 @@ def save_hf(
     dtype=jnp.bfloat16,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     generation_config: dict | None = None,
+    run_info: dict | None = None,
 ):
     """Write a HF folder that transformers' AutoModelForCausalLM loads with no custom code.
+
+    run_info: what produced the weights (data, steps, losses); saved as smedjan_run.json, which the
+    model card that `smedjan push` writes reads.
 
     Written to a temporary sibling and renamed, so an interrupted save never leaves a
     half-written checkpoint under the final name.
@@ -284,6 +288,8 @@ def save_hf(
         **(generation_config or {}),
     }
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    if run_info:
+        (tmp / "smedjan_run.json").write_text(json.dumps(run_info, indent=2, default=str))
     if tokenizer_dir is not None:
         for fname in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / fname

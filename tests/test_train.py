@@ -318,6 +318,10 @@ def test_loss_decreases_on_real_text_and_exports_hf(tmp_path, straight_run):
     for name in names:
         np.testing.assert_array_equal(np.asarray(exported[name]), saved[name])
     assert (tmp_path / "exp" / "tokenizer.json").is_file()
+    # both folders record the run for the model card: the same facts, the last val loss logged
+    record = json.loads((hf_dir / "smedjan_run.json").read_text())
+    assert record == json.loads((tmp_path / "exp" / "smedjan_run.json").read_text())
+    assert record["step"] == 60 and record["val_loss"] == round(vals[1]["val_loss"], 4) and "train_loss" in record
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, corpus, straight_run, capsys):

@@ -45,13 +45,14 @@ def run_export(args: argparse.Namespace) -> int:
     from safetensors import SafetensorError
 
     from smedjan.checkpoint import save_hf
+    from smedjan.train.record import run_record
 
     try:
         params, cfg, tok_dir, step = load_run_params(args.run_dir, args.step)
     except (ValueError, KeyError, TypeError, SafetensorError) as e:  # damaged meta.json or state file
         raise UserError(f"{args.run_dir}: unreadable checkpoint ({type(e).__name__}: {e})") from None
     dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32, "fp16": jnp.float16}[args.dtype]
-    out = save_hf(args.output, cfg, params, tokenizer_dir=tok_dir, dtype=dtype)
+    out = save_hf(args.output, cfg, params, tokenizer_dir=tok_dir, dtype=dtype, run_info=run_record(args.run_dir, step))
     print(f"exported step {step} of {args.run_dir} to {out}")
     return 0
 

@@ -461,8 +461,9 @@ def _run(rc: RunConfig) -> dict:
         print(f"step {step}: val loss {vl:.4f}, perplexity {math.exp(min(vl, 50)):.2f}")
     if rc.ckpt.export and main:
         from smedjan.checkpoint import save_hf
+        from smedjan.train.record import run_record
 
-        hf = save_hf(out / "hf", model_cfg, params, tokenizer_dir=tok_copy)
+        hf = save_hf(out / "hf", model_cfg, params, tokenizer_dir=tok_copy, run_info=run_record(out, step))
         summary["hf_dir"] = str(hf)
         print(f"saved Hugging Face folder {hf}")
     if rc.log.samples and main:
