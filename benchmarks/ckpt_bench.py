@@ -74,11 +74,12 @@ def stall(args) -> None:
     import numpy as np
 
     from smedjan.config import preset
+    from smedjan.runconfig import OptimConfig, ScheduleConfig
     from smedjan.train import checkpointing as ck
-    from smedjan.train.step import OptimConfig, _init_fn, init_train_state, make_optimizer, make_train_step
+    from smedjan.train.step import _init_fn, init_train_state, make_optimizer, make_train_step
 
     cfg = preset(args.size)
-    opt = make_optimizer(OptimConfig(lr=1e-4, warmup_steps=2, total_steps=1000))
+    opt = make_optimizer(OptimConfig(lr=1e-4), ScheduleConfig(warmup_steps=2), total_steps=1000)
     step = make_train_step(cfg, opt, compute_dtype=jnp.bfloat16, remat=args.remat)
     rng = np.random.default_rng(0)
     batch = {"tokens": jnp.asarray(rng.integers(0, cfg.vocab_size, (args.batch, args.seq_len + 1), dtype=np.int32))}
@@ -160,13 +161,13 @@ SMALL += ["--batch-size", "8", "--steps", "4", "--lr", "3e-3", "--warmup-steps",
 SMALL += ["--eval-every", "0", "--eval-batches", "1", "--save-every", "0", "--no-export", "--no-progress"]
 
 
-def _train(backend: str, out: Path, data: Path, *extra: str) -> subprocess.Popen:
+def _train(backend: str, out: Path, data, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     if backend == "cpu":
         env["JAX_PLATFORMS"] = "cpu"
     precision = "fp32" if backend == "cpu" else "bf16"
-    cmd = [sys.executable, "-m", "smedjan", "train", "--dataset", str(data / "data"), "--tokenizer"]
-    cmd += [str(data / "tokenizer"), *SMALL, "--precision", precision, "--out", str(out), *extra]
+    cmd = [sys.executable, "-m", "smedjan", "train", "--dataset", data.dataset, "--tokenizer", data.tokenizer]
+    cmd += [*SMALL, "--precision", precision, "--out", str(out), *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -181,11 +182,11 @@ def _loss(run: Path, step: int) -> float:
 
 
 def cross(args) -> None:
-    from smedjan.train.cli import prepare_corpus
+    from smedjan.data import prepare_corpus
+    from smedjan.runconfig import DataConfig
 
     tmp = Path(tempfile.mkdtemp(prefix="ckpt_cross_", dir=args.dir))
-    data = tmp / "prep"
-    prepare_corpus(data, "bundled", 512, 0.05, "text", "auto", None)
+    data = prepare_corpus(tmp / "prep", DataConfig(corpus=("bundled",), tokenizer_vocab=512))
     runs = {name: tmp / name for name in ("cpu_straight", "cpu_split", "gpu_split")}
     procs = {
         "cpu_straight": _train("cpu", runs["cpu_straight"], data),
