@@ -85,7 +85,7 @@ def server(checkpoint):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server["base"] + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server["base"] + "/v1", api_key=API_KEY, max_retries=0, timeout=600)
 
 
 def _wait_idle(engine, timeout=10.0):
