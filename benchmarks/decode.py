@@ -4,7 +4,7 @@ several concurrency levels, and Hugging Face transformers `generate` on the same
     PYTHONPATH=. python benchmarks/decode.py [--presets 125m,1b] [--json out.json]
 
 * bandwidth: a measured device copy (bytes read + written over time) of a 1 GiB bf16 array.
-* batch-1: `smedjan.generate.decode_loop` (the on-device loop `generate` runs) after a prefill,
+* batch-1: `smedjan.infer.runner.decode_loop` (the on-device loop `generate` runs) after a prefill,
   greedy, random-init bf16 params. Bound = bandwidth / (weight bytes + KV bytes read per token);
   weight bytes exclude the embedding table of untied models (one row is read), KV bytes use the
   average context of the timed tokens.
@@ -26,10 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smedjan import generate as gen
 from smedjan.bench import timed_decode_loop
 from smedjan.config import preset
-from smedjan.model.transformer import init_params
+from smedjan.infer import runner as gen
+from smedjan.infer.sampling import SamplingParams
+from smedjan.model.transformer import init_params, param_bytes
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -59,14 +60,14 @@ def weight_bytes(cfg, w) -> int:
     """Weight bytes one decode step reads: every matrix, the head, and one row of the embedding table
     (param_bytes counts a tied embed/head array twice, an untied one's table once: both minus the table)."""
     e = w["embed"]
-    return gen.param_bytes(w) - e.nbytes + e.shape[1] * e.dtype.itemsize
+    return param_bytes(w) - e.nbytes + e.shape[1] * e.dtype.itemsize
 
 
 def bench_batch1(cfg, params, *, prompt_len, new_tokens, attn, repeats):
     total = prompt_len + new_tokens + 1
     max_len = gen.next_bucket(total, minimum=64)
     runner = gen.Runner(params, cfg, 1, max_len, attn_impl=attn)
-    row = gen.SamplingParams(max_new_tokens=new_tokens).row(0)
+    row = SamplingParams(max_new_tokens=new_tokens).row(0)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, prompt_len).tolist()
     kv_len = gen.next_bucket(total, max_len)
 
@@ -94,7 +95,7 @@ def bench_engine(cfg, w, *, concurrencies, max_batch, prompt_len, steps, repeats
     steps -= steps % chunk
     max_len = gen.next_bucket(prompt_len + steps + 2, minimum=64)
     runner = gen.Runner(w, cfg, max_batch, max_len, min_kv_bucket=gen.next_bucket(prompt_len + steps + 1))
-    row = gen.SamplingParams().row(0)
+    row = SamplingParams().row(0)
     rng = np.random.default_rng(1)
     results = {}
     for c in concurrencies:

@@ -237,7 +237,8 @@ def train_fn(cfg, args, variant: dict):
 
 
 def decode_fn(cfg, args, variant: dict):
-    from smedjan import generate as gen
+    from smedjan.infer import runner as gen
+    from smedjan.infer.sampling import SamplingParams, sampling_mode
     from smedjan.model.transformer import init_params
 
     attn = variant.get("attn", args.attn)
@@ -247,25 +248,14 @@ def decode_fn(cfg, args, variant: dict):
     runner = gen.Runner(params, cfg, 1, max_len, dtype=jnp.bfloat16, attn_impl=attn)
     del params
     rng = np.random.default_rng(0)
-    row = gen.SamplingParams(max_new_tokens=args.new, temperature=0.0).row(0)
+    row = SamplingParams(max_new_tokens=args.new, temperature=0.0).row(0)
     kv_len = gen.next_bucket(total, max_len)
     first = runner.prefill([0], [rng.integers(0, cfg.vocab_size, args.prompt).tolist()], [row])
 
     def call():
         # Re-decoding from the same prefilled position each call: same work every time.
         runner.state = dict(runner.state, pos=jnp.full((1,), args.prompt, jnp.int32))
-        runner.state, toks, *_ = gen.decode_loop(
-            runner.w,
-            runner.state,
-            first,
-            jnp.ones((1,), jnp.bool_),
-            jnp.asarray([-1], jnp.int32),
-            cfg=cfg,
-            n_steps=args.new,
-            kv_len=kv_len,
-            impl=runner.attn_impl,
-            sampling=gen.sampling_mode([row]),
-        )
+        toks, *_ = runner.loop(first, np.ones(1, bool), [-1], args.new, kv_len, sampling=sampling_mode([row]))
         return toks
 
     return call, args.new

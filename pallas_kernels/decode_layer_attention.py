@@ -194,6 +194,7 @@ def _pick_block_k(T: int) -> int:
         "sm_scale",
         "kv_len",
         "interpret",
+        "grouped",
         "block_k",
         "num_warps",
         "num_stages",
@@ -214,6 +215,7 @@ def decode_layer_attention(
     sm_scale=None,
     kv_len=None,
     interpret=None,
+    grouped=False,
     block_k=None,
     num_warps=4,
     num_stages=3,
@@ -223,7 +225,9 @@ def decode_layer_attention(
     Returns (out [B, Hq * D] in qkv's dtype, k_cache, v_cache).  The caches are
     aliased to the outputs, so inside a jit whose caches are donated (or loop
     carried) the update is in place.  ``kv_len`` (static) optionally caps the
-    slots read (every row's pos must be < kv_len).  ``block_k``, ``num_warps``
+    slots read (every row's pos must be < kv_len).  ``grouped``: qkv is laid out
+    per kv head, [Hkv, G + 2, D] (its G query heads, its k, its v: the model's
+    joined q/k/v weights) instead of all q heads, then k, then v.  ``block_k``, ``num_warps``
     and ``num_stages`` are tuning knobs.
     """
     Hq, Hkv, D = num_heads, num_kv_heads, head_dim
@@ -245,7 +249,16 @@ def decode_layer_attention(
     hi_cap = None if kv_len is None else -(-min(kv_len, T) // bk)
     precision = lax.Precision.HIGHEST if qkv.dtype == jnp.float32 else None
 
-    heads = qkv.reshape(B, Hq + 2 * Hkv, D)  # free: row-major split
+    if grouped:  # free: row-major split
+        heads = qkv.reshape(B, Hkv, G + 2, D)
+        q_spec = block_spec((None, None, G, D), lambda b, h: (b, h, 0, 0))
+        k_spec = block_spec((None, None, None, D), lambda b, h: (b, h, G, 0))
+        v_spec = block_spec((None, None, None, D), lambda b, h: (b, h, G + 1, 0))
+    else:
+        heads = qkv.reshape(B, Hq + 2 * Hkv, D)
+        q_spec = block_spec((None, G, D), lambda b, h: (b, h, 0))
+        k_spec = block_spec((None, None, D), lambda b, h: (b, Hq + h, 0))
+        v_spec = block_spec((None, None, D), lambda b, h: (b, Hq + Hkv + h, 0))
     kernel = functools.partial(
         _kernel, seq_k=T, hi_cap=hi_cap, block_k=bk, window=sliding_window, c=c, rep=rep, precision=precision
     )
@@ -254,9 +267,9 @@ def decode_layer_attention(
         kernel,
         grid=(B, Hkv),
         in_specs=[
-            block_spec((None, G, D), lambda b, h: (b, h, 0)),  # q
-            block_spec((None, None, D), lambda b, h: (b, Hq + h, 0)),  # k
-            block_spec((None, None, D), lambda b, h: (b, Hq + Hkv + h, 0)),
+            q_spec,
+            k_spec,
+            v_spec,
             block_spec((None, D), lambda b, h: (b, 0)),  # cos
             block_spec((None, D), lambda b, h: (b, 0)),  # sin
             block_spec((None,), lambda b, h: (b,)),  # pos

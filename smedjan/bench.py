@@ -3,7 +3,7 @@
 Columns (each: tokens/s, ms per step, TFLOP/s, MFU, peak device memory):
 
 * forward  -- `forward()` on [batch, seq_len] fresh random tokens, bf16 weights, logits out.
-* decode   -- batch 1, greedy, through the decode engine `smedjan.generate`: the prompt
+* decode   -- batch 1, greedy, through the decode engine `smedjan.infer`: the prompt
               (seq_len - decode_tokens tokens) is prefilled first (not timed), then
               `decode_loop` (the on-device loop `smedjan generate` runs) makes decode_tokens
               tokens; also reported: one jitted `decode_step` per token (the server's path).
@@ -121,34 +121,23 @@ def bench_forward(cfg, batch, seq_len, *, attn, dtype, iters, repeats, warmup, p
 
 
 def timed_decode_loop(runner, cfg, prompt: list[int], row: dict, n_new: int, kv_len: int):
-    """Prefill `prompt` into slot 0 of a batch-1 `generate.Runner` (untimed), then time the
+    """Prefill `prompt` into slot 0 of a batch-1 `smedjan.infer.Runner` (untimed), then time the
     on-device decode loop that `smedjan generate` runs. Returns (seconds, tokens [1, n_new])."""
     import jax
-    import jax.numpy as jnp
+    import numpy as np
 
-    from smedjan import generate as gen
+    from smedjan.infer.sampling import sampling_mode
 
     first = runner.prefill([0], [prompt], [row])
     jax.block_until_ready((first, runner.state))
     t0 = time.perf_counter()
-    runner.state, toks, *_ = gen.decode_loop(
-        runner.w,
-        runner.state,
-        first,
-        jnp.ones((1,), jnp.bool_),
-        jnp.asarray([-1], jnp.int32),
-        cfg=cfg,
-        n_steps=n_new,
-        kv_len=kv_len,
-        impl=runner.attn_impl,
-        sampling=gen.sampling_mode([row]),
-    )
+    toks, *_ = runner.loop(first, np.ones(1, bool), [-1], n_new, kv_len, sampling=sampling_mode([row]))
     toks = jax.block_until_ready(toks)
     return time.perf_counter() - t0, toks
 
 
 def bench_decode(cfg, seq_len, *, attn, dtype, repeats, warmup, peak, decode_tokens=None, seed=0):
-    """Batch-1 greedy decoding through the engine (`smedjan.generate`), prompt prefilled first.
+    """Batch-1 greedy decoding through the engine (`smedjan.infer`), prompt prefilled first.
 
     Main number: `decode_loop`, the on-device loop `smedjan generate` runs (one dispatch for all
     tokens). `per_step_tokens_per_s`: one jitted `decode_step` call per token through
@@ -157,7 +146,8 @@ def bench_decode(cfg, seq_len, *, attn, dtype, repeats, warmup, peak, decode_tok
     import jax
     import numpy as np
 
-    from smedjan import generate as gen
+    from smedjan.infer import runner as gen
+    from smedjan.infer.sampling import SamplingParams
     from smedjan.model.transformer import init_params
 
     n_new = decode_tokens or max(2, seq_len // 2)
@@ -168,7 +158,7 @@ def bench_decode(cfg, seq_len, *, attn, dtype, repeats, warmup, peak, decode_tok
     runner = gen.Runner(params, cfg, 1, max_len, dtype=dtype, attn_impl=attn)
     del params
     rng = np.random.default_rng(seed + 2)
-    row = gen.SamplingParams(max_new_tokens=n_new, temperature=0.0).row(0)
+    row = SamplingParams(max_new_tokens=n_new, temperature=0.0).row(0)
     kv_len = gen.next_bucket(total, max_len)
 
     def prompt():
@@ -207,7 +197,7 @@ def bench_decode(cfg, seq_len, *, attn, dtype, repeats, warmup, peak, decode_tok
         mem,
         prompt_len=prompt_len,
         decode_tokens=n_new,
-        path=f"smedjan.generate.decode_loop (on-device loop, greedy, attn {impl})",
+        path=f"smedjan.infer.runner.decode_loop (on-device loop, greedy, attn {impl})",
         per_step_tokens_per_s=1.0 / statistics.median(step_times),
         per_step_times_s=step_times,
     )
@@ -315,11 +305,11 @@ def run_bench(cfg, args) -> dict:
     import jax
 
     peer = run_torch_peer(cfg, args) if args.peer == "torch" else None  # before JAX takes the GPU
-    from smedjan.model.attention import resolve_impl
+    from smedjan.backend import settings
 
     dev = jax.devices()[0]
     peak = peak_flops_for(dev.device_kind)
-    attn = resolve_impl(args.attn)
+    attn = settings(attn_impl=args.attn).attn_impl
     dtype = _dtype(args.dtype)
     common = dict(dtype=dtype, repeats=args.repeats, warmup=args.warmup, peak=peak)
     results = {}
@@ -329,7 +319,7 @@ def run_bench(cfg, args) -> dict:
             if col == "forward":
                 results[col] = bench_forward(cfg, args.batch, args.seq_len, attn=attn, iters=args.iters, **common)
             elif col == "decode":
-                # the engine's own choice under --attn auto (generate.resolve_decode_impl)
+                # the engine's own choice under --attn auto (smedjan.backend.settings)
                 results[col] = bench_decode(
                     cfg,
                     args.seq_len,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from smedjan import hardware
 from smedjan.errors import UserError
@@ -19,7 +20,7 @@ STAGES = [
     "smedjan.tokenizer",
     "smedjan.data",
     "smedjan.train.cli",
-    "smedjan.generate",
+    "smedjan.infer.cli",
     "smedjan.serve.cli",
     "smedjan.bench",
     "smedjan.export.cli",
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The decode steps donate their state; on CPU some buffers cannot be reused and jax says so at every
+    # compile. The program entry point, not an import, decides what the user sees.
+    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

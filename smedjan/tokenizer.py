@@ -142,6 +142,12 @@ class Tokenizer:
             ids = ids + [self.eos_id]
         return ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids `AutoTokenizer` gives for `text` from this folder: its post-processor decides whether a
+        BOS (or anything else) is added. A GPT-2-style tokenizer has a bos token but no BOS rule: its
+        prompts start with the text's own tokens."""
+        return self._tk.encode(text, add_special_tokens=True).ids
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=False)]
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from smedjan.backend import settings
 from smedjan.config import ModelConfig
 from smedjan.model import forward, init_cache, init_params
 
@@ -58,11 +59,12 @@ def test_pallas_decode_matches_xla():
     outs = {}
     for impl in ("xla", "pallas"):
         cache = init_cache(cfg, 2, 64, jnp.float32)
-        logits, cache = forward(params, tokens[:, :16], cfg, cache=cache, attn_impl=impl)
+        backend = settings("cpu", decode_impl=impl)
+        logits, cache = forward(params, tokens[:, :16], cfg, cache=cache, backend=backend)
         steps = [logits]
         for t in range(16, 24):
             pos = jnp.full((2, 1), t, jnp.int32)
-            logits, cache = forward(params, tokens[:, t : t + 1], cfg, positions=pos, cache=cache, attn_impl=impl)
+            logits, cache = forward(params, tokens[:, t : t + 1], cfg, positions=pos, cache=cache, backend=backend)
             steps.append(logits)
         outs[impl] = jnp.concatenate(steps, axis=1)
     assert rel(outs["pallas"], outs["xla"]) < 1e-4
@@ -117,7 +119,7 @@ def test_training_curve_matches_xla_on_gpu(impl):
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("impl", ["pallas", "pallas_fused", "auto"])
 def test_generation_pallas_equals_xla_on_gpu(impl):
-    from smedjan.generate import generate
+    from smedjan.infer import generate
 
     cfg = small_cfg(vocab_size=256, hidden_size=128)
     params = init_params(cfg, jax.random.key(5))

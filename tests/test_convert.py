@@ -10,7 +10,7 @@ from conftest import SHARED_DATA
 
 from smedjan.checkpoint import load_hf
 from smedjan.convert.llama2c import convert
-from smedjan.generate import generate
+from smedjan.infer import generate
 from smedjan.model import logits_fn
 
 STORIES = SHARED_DATA / "models" / "stories260K"

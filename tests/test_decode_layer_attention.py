@@ -58,7 +58,14 @@ def _rel(out, ref):
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
-def _check(seed, B, T, Hq, Hkv, D, dtype, pos, window=None, block_k=None, kv_len=None, cache_dtype=None):
+def _grouped(qkv, B, Hq, Hkv, D):
+    """[B, (q heads, k heads, v heads) D] -> the model's per-kv-head layout [B, (Hkv, G + 2) D]."""
+    q, k, v = jnp.split(qkv.reshape(B, Hq + 2 * Hkv, D), [Hq, Hq + Hkv], axis=1)
+    q = q.reshape(B, Hkv, Hq // Hkv, D)
+    return jnp.concatenate([q, k[:, :, None], v[:, :, None]], axis=2).reshape(B, -1)
+
+
+def _check(seed, B, T, Hq, Hkv, D, dtype, pos, window=None, block_k=None, kv_len=None, cache_dtype=None, grouped=False):
     args = _inputs(seed, B, T, Hq, Hkv, D, dtype, pos, cache_dtype)
     kw = dict(num_heads=Hq, num_kv_heads=Hkv, head_dim=D, sliding_window=window)
     ref, rk, rv = decode_layer_attention_reference(*args, **kw)
@@ -74,7 +81,9 @@ def _check(seed, B, T, Hq, Hkv, D, dtype, pos, window=None, block_k=None, kv_len
         c[stale] = np.nan
         args[i] = jnp.asarray(c)
     k_in, v_in = np.asarray(args[4], np.float32), np.asarray(args[5], np.float32)
-    out, kc, vc = decode_layer_attention(*args, **kw, block_k=block_k, kv_len=kv_len)
+    if grouped:
+        args[0] = _grouped(args[0], B, Hq, Hkv, D)
+    out, kc, vc = decode_layer_attention(*args, **kw, block_k=block_k, kv_len=kv_len, grouped=grouped)
     assert out.shape == (B, Hq * D) and out.dtype == args[0].dtype
     assert kc.dtype == args[4].dtype and vc.dtype == args[5].dtype
     f32 = jnp.dtype(dtype) == jnp.float32
@@ -115,6 +124,12 @@ CASES = [
 def test_matches_reference(B, T, Hq, Hkv, D, dtype, window, block_k, kv_len):
     pos = [0, (T * 5) // 8, T - 1][:B]
     _check(T + D + Hq, B, T, Hq, Hkv, D, dtype, pos, window, block_k, kv_len)
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(8, 2), (4, 4), (4, 1)])
+def test_grouped_qkv_layout(Hq, Hkv):
+    """The model's joined q/k/v (per kv head: its query heads, its k, its v) gives the same results."""
+    _check(5, 3, 100, Hq, Hkv, 64, jnp.float32, [99, 0, 33], window=40, grouped=True)
 
 
 def test_fp32_compute_bf16_cache():
@@ -203,13 +218,14 @@ def _tiny(**overrides):
 
 
 def _uses_fused_kernel(cfg, params, b):
-    from smedjan import generate as gen
+    from smedjan.backend import settings
+    from smedjan.model import forward, init_cache, prepare
 
-    w = gen.prepare_params(params, cfg)
-    state = gen.init_state(cfg, b, 32, jnp.float32)
-    ones = jnp.ones((b,), jnp.int32)
-    jaxpr = jax.make_jaxpr(lambda c: gen._decode_forward(w, cfg, c, ones, ones, ones > 0, 32, "pallas_fused"))(
-        state["caches"]
+    backend = settings("cpu", fuse_projections=True, decode_impl="pallas_fused")
+    w = prepare(params, cfg, backend)
+    ones = jnp.ones((b, 1), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda c: forward(w, ones, cfg, backend=backend, positions=ones, cache=c, kv_len=32))(
+        init_cache(cfg, b, 32, jnp.float32)
     )
     return "decode_layer_attention" in str(jaxpr)
 
@@ -222,7 +238,7 @@ def _uses_fused_kernel(cfg, params, b):
     ],
 )
 def test_generate_matches_xla(prompts, overrides):
-    from smedjan.generate import generate
+    from smedjan.infer import generate
 
     cfg, params = _tiny(**overrides)
     if len(prompts) > 1:  # the fused kernel is really on the decode path
@@ -248,4 +264,5 @@ def test_gpu_decode_layer_attention(B):
         positions = [p.tolist()]
     for window in (None, 512):
         for pos in positions:
-            _check(B + pos[0], B, T, Hq, Hkv, D, jnp.bfloat16, pos, window)
+            for grouped in (False, True):
+                _check(B + pos[0], B, T, Hq, Hkv, D, jnp.bfloat16, pos, window, grouped=grouped)

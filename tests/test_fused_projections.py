@@ -5,14 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from smedjan.backend import settings
 from smedjan.config import preset
-from smedjan.model import transformer
 from smedjan.model.transformer import forward, init_params
 from smedjan.train.loss import chunked_cross_entropy
 
 
 @pytest.mark.parametrize("model_type,heads,kv_heads", [("llama", 4, 4), ("qwen2", 6, 2), ("qwen3", 4, 1)])
-def test_fused_projections_equal_separate(monkeypatch, model_type, heads, kv_heads):
+def test_fused_projections_equal_separate(model_type, heads, kv_heads):
     cfg = preset(
         "tiny",
         model_type=model_type,
@@ -34,16 +34,18 @@ def test_fused_projections_equal_separate(monkeypatch, model_type, heads, kv_hea
     tokens = jax.random.randint(jax.random.key(1), (2, 11), 0, cfg.vocab_size)
     targets = jnp.roll(tokens, -1, axis=1).at[:, -1].set(-1)
 
-    def run(p, remat):
-        hidden = forward(p, tokens, cfg, remat=remat, return_hidden=True)
+    def run(p, remat, backend):
+        hidden = forward(p, tokens, cfg, backend=backend, remat=remat, return_hidden=True)
         s, n = chunked_cross_entropy(hidden, p["model.embed_tokens.weight"], targets, chunk_size=8)
         return s / n
 
-    monkeypatch.setattr(transformer, "FUSE_PROJECTIONS", True)
-    fused = {r: (forward(params, tokens, cfg), jax.value_and_grad(run)(params, r)) for r in ("none", "dots")}
-    monkeypatch.setattr(transformer, "FUSE_PROJECTIONS", False)
-    ref_logits = forward(params, tokens, cfg)
-    ref_loss, ref_grads = jax.value_and_grad(run)(params, "none")
+    joined, apart = settings("cpu", fuse_projections=True), settings("cpu", fuse_projections=False)
+    fused = {
+        r: (forward(params, tokens, cfg, backend=joined), jax.value_and_grad(run)(params, r, joined))
+        for r in ("none", "dots")
+    }
+    ref_logits = forward(params, tokens, cfg, backend=apart)
+    ref_loss, ref_grads = jax.value_and_grad(run)(params, "none", apart)
 
     for logits, (loss, grads) in fused.values():
         np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=1e-5, atol=1e-6)
@@ -57,9 +59,8 @@ def test_fused_projections_equal_separate(monkeypatch, model_type, heads, kv_hea
             )
 
 
-def test_one_gemm_per_projection_group(monkeypatch):
+def test_one_gemm_per_projection_group():
     """Fused (the GPU default), a layer's forward runs qkv, q·kᵀ, p·v, o, gate·up, down: 6 dot_generals, not 9."""
-    monkeypatch.setattr(transformer, "FUSE_PROJECTIONS", True)
     cfg = preset(
         "tiny",
         hidden_size=32,
@@ -72,5 +73,9 @@ def test_one_gemm_per_projection_group(monkeypatch):
     )
     params = init_params(cfg, jax.random.key(0))
     tokens = jnp.zeros((1, 8), jnp.int32)
-    hlo = jax.jit(lambda p: forward(p, tokens, cfg, attn_impl="xla", return_hidden=True)).lower(params).as_text()
+    hlo = (
+        jax.jit(lambda p: forward(p, tokens, cfg, backend=settings("cpu", fuse_projections=True), return_hidden=True))
+        .lower(params)
+        .as_text()
+    )
     assert hlo.count("stablehlo.dot_general") == 6

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 from smedjan.config import ModelConfig
-from smedjan.generate import TextStream, _penalize, _sample, generate, load_tokenizer
+from smedjan.infer.cli import load_tokenizer
+from smedjan.infer.runner import generate
+from smedjan.infer.sampling import penalize, sample
+from smedjan.infer.stream import TextStream
 
 TOKENIZER_TEXT = [
     "Once upon a time there was a little robot who liked to build things.",
@@ -139,7 +142,7 @@ def test_top_k_top_p_restrict_support():
     zeros = jnp.zeros((1, v), jnp.int32)
     pm = jnp.zeros((1, v), jnp.bool_)
     seen_k, seen_p = set(), set()
-    sample = jax.jit(_sample, static_argnums=5)
+    sample_fn = jax.jit(sample, static_argnums=5)
     probs = np.exp(np.asarray(jax.nn.log_softmax(logits[0])))
     nucleus = set(order[: int(np.searchsorted(np.cumsum(probs[order]), 0.5)) + 1])
     for pos in range(200):
@@ -153,9 +156,9 @@ def test_top_k_top_p_restrict_support():
             "frequency_penalty": jnp.zeros(1),
             "seed": jnp.asarray([7], jnp.uint32),
         }
-        seen_k.add(int(sample(logits, samp, zeros, pm, jnp.asarray([pos]), 0)["tok"][0]))
+        seen_k.add(int(sample_fn(logits, samp, zeros, pm, jnp.asarray([pos]), 0)["tok"][0]))
         samp = dict(samp, top_k=jnp.zeros(1, jnp.int32), top_p=jnp.asarray([0.5]))
-        seen_p.add(int(sample(logits, samp, zeros, pm, jnp.asarray([pos]), 0)["tok"][0]))
+        seen_p.add(int(sample_fn(logits, samp, zeros, pm, jnp.asarray([pos]), 0)["tok"][0]))
     assert seen_k == set(order[:3])
     assert seen_p == nucleus
 
@@ -171,7 +174,7 @@ def test_repetition_penalty_matches_transformers():
     pm = np.zeros((2, 40), bool)
     pm[np.arange(2)[:, None], ids] = True
     samp = {"repetition_penalty": jnp.full(2, 1.3), "presence_penalty": jnp.zeros(2), "frequency_penalty": jnp.zeros(2)}
-    ours = _penalize(jnp.asarray(logits), samp, jnp.zeros((2, 40), jnp.int32), jnp.asarray(pm))
+    ours = penalize(jnp.asarray(logits), samp, jnp.zeros((2, 40), jnp.int32), jnp.asarray(pm))
     np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-6)
 
 
@@ -200,7 +203,7 @@ def test_generate_cli(tmp_path, capsys):
     assert main(["generate", str(folder), "--prompt", "Once upon a time", "--max-new-tokens", "8"]) == 0
     printed = capsys.readouterr().out
     stops = [i for i in cfg.eos_token_id]
-    want = generate(params, cfg, [tok.encode("Once upon a time", add_bos=True)], max_new_tokens=8, eos_id=stops)[0]
+    want = generate(params, cfg, [tok.encode_prompt("Once upon a time")], max_new_tokens=8, eos_id=stops)[0]
     assert printed == tok.decode(want, skip_special_tokens=True) + "\n"
     assert (
         main(
@@ -227,15 +230,18 @@ def test_generate_cli(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 1
 
 
-def test_decode_impl_auto_resolves_per_backend(monkeypatch):
-    from smedjan.generate import resolve_decode_impl
+def test_backend_settings_resolve_per_platform():
+    from smedjan.backend import settings
 
-    assert resolve_decode_impl("auto") == "xla"  # CPU: XLA decode
-    assert resolve_decode_impl("pallas") == "pallas"
+    cpu = settings("cpu")
+    assert (cpu.decode_impl, cpu.attn_impl, cpu.fuse_projections, cpu.interpret) == ("xla", "xla", False, True)
+    assert settings("cpu", decode_impl="pallas").decode_impl == "pallas"
+    assert settings("cpu", decode_impl="auto") == cpu
     with pytest.raises(ValueError):
-        resolve_decode_impl("flash")
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert resolve_decode_impl("auto") == "pallas_fused"  # the H100-measured fastest
+        settings("cpu", decode_impl="flash")
+    gpu = settings("gpu")
+    assert gpu.decode_impl == "pallas_fused" and gpu.fuse_projections and not gpu.interpret  # the H100-measured fastest
+    hash(gpu)  # static to jit
 
 
 @pytest.mark.parametrize(
@@ -248,36 +254,26 @@ def test_decode_impl_auto_resolves_per_backend(monkeypatch):
 def test_decode_loop_chunks_and_static_sampling_equal_one_step_at_a_time(hf_llama, rows_kw):
     """The chunked early-exit loop, specialised to the rows' sampling, gives exactly what one step
     at a time with on-device sampling decisions gives: tokens, logprobs, steps, final positions."""
-    from smedjan import generate as gen
+    from smedjan.backend import settings
+    from smedjan.infer import runner as gen
+    from smedjan.infer.sampling import SamplingParams, sampling_mode
 
     _, cfg, params = hf_llama
     prompts = [[5, 17, 42, 9], [100, 3, 8]]
-    rows = [gen.SamplingParams(max_new_tokens=16, seed=i, **kw).row(i) for i, kw in enumerate(rows_kw)]
+    rows = [SamplingParams(max_new_tokens=16, seed=i, **kw).row(i) for i, kw in enumerate(rows_kw)]
     n_steps = 13  # not a multiple of the chunk
 
     def run(chunk, sampling, stop_ids):
-        runner = gen.Runner(params, cfg, 2, 64, attn_impl="xla")
+        runner = gen.Runner(params, cfg, 2, 64, backend=settings("cpu", decode_chunk=chunk))
         first = runner.prefill([0, 1], prompts, rows)
-        state, toks, lps, _, steps = gen.decode_loop(
-            runner.w,
-            runner.state,
-            first,
-            jnp.ones((2,), jnp.bool_),
-            jnp.asarray(stop_ids, jnp.int32),
-            cfg=cfg,
-            n_steps=n_steps,
-            kv_len=64,
-            impl="xla",
-            sampling=sampling,
-            chunk=chunk,
-        )
-        return np.asarray(toks), np.asarray(lps), int(steps), np.asarray(state["pos"])
+        toks, lps, _, steps = runner.loop(first, np.ones(2, bool), stop_ids, n_steps, 64, sampling=sampling)
+        return np.asarray(toks), np.asarray(lps), int(steps), np.asarray(runner.state["pos"])
 
     ref = run(1, None, [-1])
     stop = int(ref[0][0, 5])  # row 0 stops at its 5th new token, inside a chunk of 4 and of 16
     ref_stop = run(1, None, [stop])
     assert ref_stop[0][0, 6] == -1 and ref_stop[2] > 5
-    mode = gen.sampling_mode(rows)
+    mode = sampling_mode(rows)
     for chunk in (4, 16):
         for want, stop_ids in ((ref, [-1]), (ref_stop, [stop])):
             got = run(chunk, mode, stop_ids)

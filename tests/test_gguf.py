@@ -17,7 +17,7 @@ from smedjan.cli import main
 from smedjan.convert.gguf import gguf_to_hf
 from smedjan.export.gguf import export_gguf, unpermute_rope
 from smedjan.export.kquants import quantize_q4_k, quantize_q6_k
-from smedjan.generate import generate
+from smedjan.infer import generate
 from smedjan.model import logits_fn
 from smedjan.model.transformer import LAYER_PREFIX
 

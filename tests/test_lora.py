@@ -128,15 +128,13 @@ def test_dropout_is_inverted_and_keyed(base):
     assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-4 and np.abs(np.asarray(a) - np.asarray(plain)).max() > 1e-4
 
 
-def test_joined_projections_add_the_same_updates(base, monkeypatch):
-    from smedjan.model import transformer
+def test_joined_projections_add_the_same_updates(base):
+    from smedjan.backend import settings
 
     _, _, cfg, params = base
     lcfg = LoraConfig(rank=4, alpha=8)
     p = attach(params, _random_adapters(cfg, lcfg), lcfg)
     tokens = jnp.asarray(_tokens())
-    monkeypatch.setattr(transformer, "FUSE_PROJECTIONS", False)
-    apart = forward(p, tokens, cfg)
-    monkeypatch.setattr(transformer, "FUSE_PROJECTIONS", True)
-    joined = forward(p, tokens, cfg)
+    apart = forward(p, tokens, cfg, backend=settings("cpu", fuse_projections=False))
+    joined = forward(p, tokens, cfg, backend=settings("cpu", fuse_projections=True))
     np.testing.assert_allclose(np.asarray(joined), np.asarray(apart), atol=2e-5, rtol=1e-4)

@@ -5,12 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from smedjan.train import loss
 from smedjan.train.loss import _logsumexp_rows, chunked_cross_entropy, naive_cross_entropy
 
 
 def test_one_pass_logsumexp_matches_jax(monkeypatch):
-    monkeypatch.setattr(loss, "ONE_PASS_LSE", True)
     x = 40.0 * jax.random.normal(jax.random.key(0), (7, 1003))
     x = (
         x.at[1]
@@ -26,19 +24,18 @@ def test_one_pass_logsumexp_matches_jax(monkeypatch):
         .at[6]
         .add(1e4)
     )  # far from zero
-    got = np.asarray(jax.jit(_logsumexp_rows)(x))
+    got = np.asarray(jax.jit(lambda x: _logsumexp_rows(x, True))(x))
     want = np.asarray(jax.nn.logsumexp(x, axis=-1))
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert np.isneginf(got[1]) and np.isposinf(got[3]) and np.isnan(got[4])
     np.testing.assert_allclose(got[5], np.log(1003), rtol=1e-6)
     # a single column and a [c, 1] input: lse = the value itself
-    np.testing.assert_allclose(np.asarray(_logsumexp_rows(x[:, :1]))[[0, 5, 6]], np.asarray(x[[0, 5, 6], 0]))
+    np.testing.assert_allclose(np.asarray(_logsumexp_rows(x[:, :1], True))[[0, 5, 6]], np.asarray(x[[0, 5, 6], 0]))
 
 
 @pytest.mark.parametrize("one_pass", [True, False])  # the GPU's and the other backends' log-sum-exp
 @pytest.mark.parametrize("chunk", [16, 23, 74, 512])
 def test_padding_and_ignored_targets_equal_naive(monkeypatch, chunk, one_pass):
-    monkeypatch.setattr(loss, "ONE_PASS_LSE", one_pass)
     # 2 x 37 = 74 tokens: chunk 16 gives 5 strided chunks of 15 (1 padded token), 23 gives 4 of 19
     # (2 padded); the first 20 targets and the last 3 are ignored
     k = jax.random.split(jax.random.key(1), 3)
@@ -53,8 +50,8 @@ def test_padding_and_ignored_targets_equal_naive(monkeypatch, chunk, one_pass):
 
         return f
 
-    chunked = mean(lambda h, w, t: chunked_cross_entropy(h, w, t, chunk_size=chunk))
-    s, n = chunked_cross_entropy(hidden, weight, targets, chunk_size=chunk)
+    chunked = mean(lambda h, w, t: chunked_cross_entropy(h, w, t, chunk_size=chunk, one_pass=one_pass))
+    s, n = chunked_cross_entropy(hidden, weight, targets, chunk_size=chunk, one_pass=one_pass)
     s_ref, n_ref = naive_cross_entropy(hidden, weight, targets)
     assert int(n) == int(n_ref) == 74 - 23
     np.testing.assert_allclose(float(s), float(s_ref), rtol=1e-5)
@@ -68,11 +65,12 @@ def test_padding_and_ignored_targets_equal_naive(monkeypatch, chunk, one_pass):
 def test_loss_reads_logits_in_one_reduce_and_one_elementwise_pass(monkeypatch):
     """Forward+grad lowering with the GPU's one-pass log-sum-exp: one reduce and one exp over the
     [c, V] logits, no scatter (the onehot is an iota compare inside the dlogits expression)."""
-    monkeypatch.setattr(loss, "ONE_PASS_LSE", True)
     hidden = jnp.zeros((2, 40, 16), jnp.bfloat16)
     weight = jnp.zeros((96, 16))
     targets = jnp.zeros((2, 40), jnp.int32)
-    f = jax.value_and_grad(lambda h, w: chunked_cross_entropy(h, w, targets, chunk_size=40)[0], argnums=(0, 1))
+    f = jax.value_and_grad(
+        lambda h, w: chunked_cross_entropy(h, w, targets, chunk_size=40, one_pass=True)[0], argnums=(0, 1)
+    )
     hlo = jax.jit(f).lower(hidden, weight).as_text()
     logits = "tensor<40x96xf32>"  # 80 tokens: 2 chunks of 40
     assert "scatter" not in hlo

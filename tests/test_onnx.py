@@ -12,7 +12,7 @@ from export_models import STORIES, bpe_model, stories_model
 
 from smedjan.checkpoint import load_hf
 from smedjan.cli import main
-from smedjan.generate import generate
+from smedjan.infer import generate
 from smedjan.model import logits_fn
 
 

@@ -110,7 +110,7 @@ def test_kv_cache_matches_full_forward():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_greedy_generation_matches_transformers(tmp_path, arch):
-    from smedjan.generate import generate
+    from smedjan.infer import generate
 
     model = build_hf_model(arch, seed=4)
     model.save_pretrained(tmp_path)

@@ -22,7 +22,8 @@ uvicorn = pytest.importorskip("uvicorn")
 from test_generate import make_tiny_checkpoint  # noqa: E402
 
 from smedjan.checkpoint import load_hf  # noqa: E402
-from smedjan.generate import SamplingParams, load_tokenizer, stop_ids_for  # noqa: E402
+from smedjan.infer.cli import load_tokenizer, stop_ids_for  # noqa: E402
+from smedjan.infer.sampling import SamplingParams  # noqa: E402
 from smedjan.serve.app import create_app  # noqa: E402
 from smedjan.serve.engine import Engine, QueueFull  # noqa: E402
 
@@ -107,7 +108,7 @@ def test_completions(server, client):
     choice = full.choices[0]
     assert choice.finish_reason == "length"
     assert full.usage.completion_tokens == 8
-    assert full.usage.prompt_tokens == len(server["tok"].encode("Once upon a time", add_bos=True))
+    assert full.usage.prompt_tokens == len(server["tok"].encode_prompt("Once upon a time"))
     chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"

@@ -6,7 +6,7 @@ Adapters are a parameter pytree of their own, named and stacked like the base pa
 tensor names by unstacking, exactly as checkpoint.py does for the base.
 
 The model sees adapters through its parameter dict: `attach` adds, per layer, A, B pre-scaled by
-s = alpha / r (alpha / √r with rsLoRA) and, for dropout, a per-layer key; `transformer.project`
+s = alpha / r (alpha / √r with rsLoRA) and, for dropout, a per-layer key; `layers.project`
 (and the joined q/k/v and gate/up paths) add `delta` wherever those entries exist. The forward has
 no LoRA argument and a base without adapters runs exactly as before.
 """

@@ -4,23 +4,28 @@ Parameters are a flat dict keyed by Hugging Face tensor names. Per-layer tensors
 stacked on a leading layer axis under the name with the index dropped
 ("model.layers.self_attn.q_proj.weight" holds every layer's q_proj), so the layer
 stack runs as one `lax.scan` and compile time does not grow with depth. Weights keep
-HF's [out, in] layout; checkpoint I/O is then a reshape, never a transpose. q/k/v and gate/up
-stay separate parameters; on GPU the forward joins each group (a small copy of the weights) to
-run it as one GEMM.
+HF's [out, in] layout; checkpoint I/O is then a reshape, never a transpose.
+
+Every path runs the same blocks (`decoder_layer`: `attention.attention_block`, `mlp.mlp_block`):
+training over the stacked params (joined and cast inside the step), prefill and decode over the
+inference layout `prepare` builds once at load, with a per-layer cache (`cache.py`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
+from smedjan.backend import Backend, settings
 from smedjan.config import ModelConfig
-from smedjan.model import lora
-from smedjan.model.attention import attention
-from smedjan.model.rope import apply_rope, rope_cos_sin
+from smedjan.model.attention import attention_block
+from smedjan.model.cache import Pass
+from smedjan.model.layers import linear, rms_norm
+from smedjan.model.mlp import mlp_block
+from smedjan.model.rope import rope_cos_sin
 
 LAYER_PREFIX = "model.layers."
 
@@ -86,55 +91,36 @@ def layer_params(params: dict) -> dict:
     return {k[len(LAYER_PREFIX) :]: v for k, v in params.items() if k.startswith(LAYER_PREFIX)}
 
 
-# ---- building blocks ---------------------------------------------------------------------------
-def rms_norm(x, weight, eps):
-    """Normalise in float32 and cast back before scaling, exactly as HF's LlamaRMSNorm."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return weight.astype(x.dtype) * xf.astype(x.dtype)
+# ---- the weights in the layout the blocks run on -------------------------------------------------
+def prepare_layers(layers: dict, cfg: ModelConfig, backend: Backend, dtype, fold_norms: bool = False) -> dict:
+    """The stacked layer weights (`layer_params`) in the compute dtype and the backend's layout.
 
+    Cast once for the whole stack (one kernel per tensor instead of one per layer: the small presets
+    are launch bound). With `backend.fuse_projections`, q/k/v joined into "qkv" and gate/up into
+    "gate_up", so each runs as one GEMM: joined q/k/v are grouped per kv head, [L, Hkv, G + 2, hd, D]
+    (its G query heads, its k, its v; HF's GQA gives query head h the kv head h // G), gate/up
+    stacked on a new axis, [L, 2, F, D]. Either way a tensor-parallel split of heads or of F stays
+    local. With separate projections XLA merges their weight-gradient GEMMs itself (they share x)
+    and first copies the cotangents into one activation-sized buffer; joined, the backward writes
+    them in one pass.
 
-def linear(x, w, b=None):
-    """x [..., in] · w[out, in]^T (+ b)."""
-    y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))
-    return y if b is None else y + b.astype(x.dtype)
-
-
-def project(x, p, name):
-    """Layer projection `name` ("mlp.down_proj") of x, plus its LoRA update when the params carry one."""
-    y = linear(x, p[f"{name}.weight"], p.get(f"{name}.bias"))
-    d = lora.delta(x, p, name)
-    return y if d is None else y + d
-
-
-def _plus_lora(y, x, p, name):
-    d = lora.delta(x, p, name)
-    return y if d is None else y + d.reshape(y.shape)
-
-
-FUSE_PROJECTIONS: bool | None = None  # None: on GPU only (see _fuse)
-
-
-def _fuse() -> bool:
-    """Run q/k/v and gate/up as one GEMM each? On the H100 it took the 125m step from 36.5 to 33.4 ms;
-    on CPU XLA runs the separate GEMMs faster (the main job's step measured 3-10% slower fused)."""
-    return jax.default_backend() == "gpu" if FUSE_PROJECTIONS is None else FUSE_PROJECTIONS
-
-
-def fuse_layer_weights(layers: dict, cfg: ModelConfig, dtype) -> dict:
-    """The stacked layer weights in the compute dtype, cast once for the whole stack (one kernel per
-    tensor instead of one per layer: the small presets are launch bound); when `_fuse()`, q/k/v
-    joined into "qkv" and gate/up into "gate_up", so each runs as one GEMM.
-
-    Joined q/k/v are grouped per kv head, [L, Hkv, G + 2, hd, D]: its G query heads, its k, its v
-    (HF's GQA gives query head h the kv head h // G); gate/up are stacked on a new axis,
-    [L, 2, F, D]. Either way a tensor-parallel split of heads or of F stays local. With separate
-    projections XLA merges their weight-gradient GEMMs itself (they share x) and first copies the
-    cotangents into one activation-sized buffer; joined, the backward writes them in one pass.
+    fold_norms (inference, once at load): each RMSNorm weight multiplied into the matrices that
+    consume the norm's output (in float32, rounded once) and dropped; the blocks then scale the
+    projections' outputs by 1/rms (`layers.pre_norm`).
     """
+    if fold_norms and not any(".lora_A." in k for k in layers):  # a LoRA update reads the normalised x
+        layers = dict(layers)
+        consumers = {
+            "input_layernorm.weight": [f"self_attn.{n}_proj.weight" for n in "qkv"],
+            "post_attention_layernorm.weight": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+        }
+        for norm, names in consumers.items():
+            ln = layers.pop(norm).astype(jnp.float32)[:, None, :]
+            for n in names:
+                layers[n] = (layers[n].astype(jnp.float32) * ln).astype(dtype)
     # LoRA dropout keys are integers: only floating tensors take the compute dtype
     layers = {k: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in layers.items()}
-    if not _fuse():
+    if not backend.fuse_projections:
         return layers
     hkv, hd = cfg.num_key_value_heads, cfg.head_dim
 
@@ -150,86 +136,49 @@ def fuse_layer_weights(layers: dict, cfg: ModelConfig, dtype) -> dict:
     return layers
 
 
-def mlp(x, p):
-    if "gate_up" in p:
-        gu = jnp.einsum("...d,kfd->...kf", x, p["gate_up"].astype(x.dtype))
-        gate, up = _plus_lora(gu[..., 0, :], x, p, "mlp.gate_proj"), _plus_lora(gu[..., 1, :], x, p, "mlp.up_proj")
-    else:
-        gate, up = project(x, p, "mlp.gate_proj"), project(x, p, "mlp.up_proj")
-    # Named so a remat policy can keep the SwiGLU product (re-deriving it reads all of gate and up).
-    act = checkpoint_name(jax.nn.silu(gate) * up, "mlp_act")
-    return project(act, p, "mlp.down_proj")
+def prepare(params: dict, cfg: ModelConfig, backend: Backend, dtype=None) -> dict:
+    """Flat HF-named params -> the inference layout, once at load: {"embed", "head", "norm", "layers"}.
+
+    "layers" is one dict per layer (`prepare_layers` with the norms folded, then unstacked): a decode
+    step reads each layer's weights as their own buffers, with no per-step slicing of a stacked array.
+    """
+    if is_prepared(params):
+        return params
+    embed = params["model.embed_tokens.weight"]
+    dtype = jnp.dtype(dtype or embed.dtype)
+    stacked = prepare_layers(layer_params(params), cfg, backend, dtype, fold_norms=True)
+    layers = _unstack(stacked, cfg.num_hidden_layers)
+    e = embed.astype(dtype)
+    head = e if cfg.tie_word_embeddings else lm_head(params, cfg).astype(dtype)
+    return {"embed": e, "head": head, "norm": params["model.norm.weight"].astype(dtype), "layers": layers}
 
 
-def qkv_proj(x, p, cfg: ModelConfig):
-    """q [..., H, hd], k and v [..., Hkv, hd]: one GEMM on joined weights (`fuse_layer_weights`), else three."""
-    hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    if "qkv" not in p:
-
-        def proj(n, heads):
-            return project(x, p, f"self_attn.{n}_proj").reshape(*x.shape[:-1], heads, hd)
-
-        return proj("q", hq), proj("k", hkv), proj("v", hkv)
-
-    y = jnp.einsum("...d,kghd->...kgh", x, p["qkv"].astype(x.dtype))
-    if "qkv_bias" in p:
-        y = y + p["qkv_bias"].astype(x.dtype)
-    q, k, v = jnp.split(y, [hq // hkv, hq // hkv + 1], axis=-2)
-    q = q.reshape(*q.shape[:-3], hq, hd)
-    k, v = k[..., 0, :], v[..., 0, :]
-    return (
-        _plus_lora(q, x, p, "self_attn.q_proj"),
-        _plus_lora(k, x, p, "self_attn.k_proj"),
-        _plus_lora(v, x, p, "self_attn.v_proj"),
-    )
+def is_prepared(w) -> bool:
+    return isinstance(w, dict) and "layers" in w and "embed" in w
 
 
-def self_attention(x, p, cfg: ModelConfig, cos, sin, q_pos, cache_kv, segment_ids, impl):
-    """Returns the attention output and, when decoding, the updated (k, v) cache of this layer."""
-    b, s, _ = x.shape
-    hd = cfg.head_dim
-    q, k, v = qkv_proj(x, p, cfg)
-    if cfg.qk_norm:  # Qwen3 normalises each head before RoPE
-        q = rms_norm(q, p["self_attn.q_norm.weight"], cfg.rms_norm_eps)
-        k = rms_norm(k, p["self_attn.k_norm.weight"], cfg.rms_norm_eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-    if cache_kv is None:
-        out = attention(
-            q, k, v, q_pos=q_pos, kv_pos=q_pos, sliding_window=cfg.sliding_window, segment_ids=segment_ids, impl=impl
-        )
-        new_cache = None
-    else:
-        # Write this block's k/v at their absolute positions, then attend over the whole cache;
-        # slots past a query's position are masked, so stale entries from earlier requests are harmless.
-        ck, cv = cache_kv
-        rows = jnp.arange(b)[:, None]
-        ck = ck.at[rows, q_pos].set(k.astype(ck.dtype), mode="drop")
-        cv = cv.at[rows, q_pos].set(v.astype(cv.dtype), mode="drop")
-        kv_pos = jnp.broadcast_to(jnp.arange(ck.shape[1]), (b, ck.shape[1]))
-        out = attention(
-            q,
-            ck.astype(q.dtype),
-            cv.astype(q.dtype),
-            q_pos=q_pos,
-            kv_pos=kv_pos,
-            sliding_window=cfg.sliding_window,
-            impl=impl,
-            decoding=True,
-        )
-        new_cache = (ck, cv)
-    # Named so a remat policy can keep it: the attention kernel is then not re-run in the backward.
-    out = checkpoint_name(out.reshape(b, s, cfg.num_attention_heads * hd), "attn_out")
-    return project(out, p, "self_attn.o_proj"), new_cache
+def param_bytes(w) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(w))
 
 
-def decoder_layer(x, p, cfg, cos, sin, q_pos, cache_kv, segment_ids, impl):
-    h, new_cache = self_attention(
-        rms_norm(x, p["input_layernorm.weight"], cfg.rms_norm_eps), p, cfg, cos, sin, q_pos, cache_kv, segment_ids, impl
-    )
+# ---- a block ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ctx:
+    """What every layer of one forward pass shares."""
+
+    backend: Backend
+    cos: jax.Array
+    sin: jax.Array
+    positions: jax.Array
+    segment_ids: jax.Array | None
+    step: Pass | None  # how this pass meets the cache; None without one
+
+
+def decoder_layer(x, p, cfg: ModelConfig, ctx: Ctx, cache=None):
+    """One pre-norm block: attention then MLP, each added to the residual. Returns (x, updated cache)."""
+    h, cache = attention_block(x, p, cfg, ctx, cache)
     x = x + h
-    x = x + mlp(rms_norm(x, p["post_attention_layernorm.weight"], cfg.rms_norm_eps), p)
-    return x, new_cache
+    return x + mlp_block(x, p, cfg), cache
 
 
 # ---- the model ---------------------------------------------------------------------------------
@@ -240,19 +189,21 @@ REMAT_POLICIES = {
 }
 
 
-def default_scan_unroll() -> int | bool:
-    return True if jax.default_backend() == "gpu" else 1
-
-
 def forward(
     params: dict,
     tokens,
     cfg: ModelConfig,
     *,
+    backend: Backend | None = None,
     positions=None,
     segment_ids=None,
     cache=None,
-    attn_impl: str = "xla",
+    rows=None,
+    attend_cache: bool = True,
+    kv_len: int | None = None,
+    rope_len=None,
+    logits_at=None,
+    attn_impl: str | None = None,
     remat: str = "none",
     compute_dtype=None,
     return_hidden: bool = False,
@@ -260,47 +211,76 @@ def forward(
 ):
     """tokens [B, S] int32 -> logits [B, S, V] (or final hidden states [B, S, D]).
 
+    params: flat HF-named params (training: joined and cast inside the traced step), or the
+        inference layout from `prepare`.
+    backend: `smedjan.backend.Backend` (default: `settings()` of jax's default backend);
+        attn_impl / scan_unroll override its fields.
     positions: absolute positions [B, S] (default 0..S-1).
-    cache: {"k", "v"} of [L, B, T, Hkv, D] from `init_cache`; when given, returns (out, new_cache).
+    cache: per-layer state from `cache.init_cache`; when given, returns (out, new_cache).
+        rows: the cache row of each batch row [B] (default: row b); attend_cache False: the block
+        attends over itself only (a prefill into empty rows); kv_len: static cap on the slots read.
+    rope_len: the sequence length dynamic-NTK RoPE scales for (default: max position + 1).
+    logits_at: [B] index of one token per row: only its logits (or hidden state) are returned, [B, V].
     compute_dtype: cast weights and activations to this dtype (e.g. bf16 over fp32 master weights).
-    scan_unroll: `lax.scan`'s unroll of the layer loop (True: fully unrolled, one copy per layer);
-        None: unrolled on GPU, where the step then runs as one CUDA graph (the 125m train step
-        +13%, the small forward +46% on the H100), rolled elsewhere, where compile time matters more.
+    scan_unroll: `lax.scan`'s unroll of the layer loop (True: fully unrolled, one copy per layer).
     """
+    if backend is None:
+        backend = settings()
+    if attn_impl not in (None, "auto"):
+        backend = backend.replace(attn_impl=attn_impl)
     b, s = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    embed = params["model.embed_tokens.weight"]
-    dtype = compute_dtype or embed.dtype
+    if is_prepared(params):
+        embed, norm, layers = params["embed"], params["norm"], params["layers"]
+        dtype = compute_dtype or embed.dtype
+    else:
+        embed, norm = params["model.embed_tokens.weight"], params["model.norm.weight"]
+        dtype = compute_dtype or embed.dtype
+        layers = prepare_layers(layer_params(params), cfg, backend, dtype)
     x = jnp.take(embed, tokens, axis=0).astype(dtype)
-    cos, sin = rope_cos_sin(cfg, positions, seq_len=jnp.max(positions) + 1)
-    layers = fuse_layer_weights(layer_params(params), cfg, dtype)
-    if scan_unroll is None:
-        scan_unroll = default_scan_unroll()
+    cos, sin = rope_cos_sin(cfg, positions, seq_len=jnp.max(positions) + 1 if rope_len is None else rope_len)
+    step = None
+    if cache is not None:
+        step = Pass.make(positions, rows, attend_cache, kv_len)
+        # Materialise cos/sin once: left alone, XLA re-derives them from the positions inside every layer.
+        cos, sin = jax.lax.optimization_barrier((cos.astype(dtype), sin.astype(dtype)))
+    ctx = Ctx(backend, cos, sin, positions, segment_ids, step)
 
-    def body(x, xs):
-        p, cache_kv = xs
-        x, new_cache = decoder_layer(x, p, cfg, cos, sin, positions, cache_kv, segment_ids, attn_impl)
-        return x, new_cache
+    if cache is not None or isinstance(layers, (list, tuple)):
+        # One python-level layer after another: each layer's cache is its own buffer, updated in place.
+        per_layer = layers if isinstance(layers, (list, tuple)) else _unstack(layers, cfg.num_hidden_layers)
+        new_cache = []
+        for i, p in enumerate(per_layer):
+            x, c = decoder_layer(x, p, cfg, ctx, None if cache is None else cache[i])
+            new_cache.append(c)
+        new_cache = tuple(new_cache)
+    else:
 
-    if remat != "none":
-        if remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}, got {remat!r}")
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    cache_xs = None if cache is None else (cache["k"], cache["v"])
-    x, new_cache = jax.lax.scan(body, x, (layers, cache_xs), unroll=scan_unroll)
-    x = rms_norm(x, params["model.norm.weight"], cfg.rms_norm_eps)
-    out = x if return_hidden else linear(x, lm_head(params, cfg))
-    if cache is None:
-        return out
-    return out, {"k": new_cache[0], "v": new_cache[1]}
+        def body(x, p):
+            return decoder_layer(x, p, cfg, ctx)[0], None
+
+        if remat != "none":
+            if remat not in REMAT_POLICIES:
+                raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}, got {remat!r}")
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        unroll = backend.scan_unroll if scan_unroll is None else scan_unroll
+        x, _ = jax.lax.scan(body, x, layers, unroll=unroll)
+    if logits_at is not None:
+        x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
+    x = rms_norm(x, norm, cfg.rms_norm_eps)
+    if return_hidden:
+        out = x
+    else:
+        head = params["head"] if is_prepared(params) else lm_head(params, cfg)
+        out = linear(x, head)
+    return out if cache is None else (out, new_cache)
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict[str, jax.Array]:
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+def _unstack(layers: dict, n: int) -> list[dict]:
+    return [{k: v[i] for k, v in layers.items()} for i in range(n)]
 
 
-@partial(jax.jit, static_argnames=("cfg", "attn_impl"))
-def logits_fn(params, tokens, cfg: ModelConfig, attn_impl: str = "xla"):
-    return forward(params, tokens, cfg, attn_impl=attn_impl)
+@partial(jax.jit, static_argnames=("cfg", "backend"))
+def logits_fn(params, tokens, cfg: ModelConfig, backend: Backend | None = None):
+    return forward(params, tokens, cfg, backend=backend)

@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from smedjan.generate import decode_text
+from smedjan.infer.stream import decode_text
 from smedjan.serve.engine import Engine, EngineClosed, QueueFull
 from smedjan.serve.protocol import APIError, GenRequest, parse_chat, parse_completion, parse_json
 
@@ -198,7 +198,7 @@ def create_app(
         for p in req.prompts:
             if isinstance(p, str):
                 _check_chars(len(p), "prompt")
-            ids = tokenizer.encode(p, add_bos=True) if isinstance(p, str) else p
+            ids = tokenizer.encode_prompt(p) if isinstance(p, str) else p
             if any(not 0 <= t < engine.cfg.vocab_size for t in ids):
                 raise APIError(400, f"token ids must be in [0, {engine.cfg.vocab_size})", "prompt", "invalid_value")
             out.append(ids)

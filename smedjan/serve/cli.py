@@ -11,7 +11,7 @@ from smedjan.errors import UserError
 
 def _load(args):
     from smedjan.checkpoint import CheckpointError
-    from smedjan.generate import default_dtype, load_model, stop_ids_for
+    from smedjan.infer.cli import default_dtype, load_model, stop_ids_for
 
     try:
         folder, cfg, params, tok = load_model(args.model, dtype=default_dtype(args.dtype))
@@ -44,10 +44,10 @@ def _engine(args, cfg, params, tok, max_seq_len, stops, max_batch):
 
 def _warmup(engine, tok):
     """Compile the prefill and decode steps for short prompts before the first request."""
-    from smedjan.generate import SamplingParams
+    from smedjan.infer.sampling import SamplingParams
 
     t = time.perf_counter()
-    ids = tok.encode("Hello", add_bos=True) or [0]
+    ids = tok.encode_prompt("Hello") or [0]
     engine.submit(ids, SamplingParams(max_new_tokens=2, ignore_eos=True)).result()
     return time.perf_counter() - t
 
@@ -133,7 +133,7 @@ def _cmd_serve(args):
 
 
 def _cmd_chat(args):
-    from smedjan.generate import SamplingParams
+    from smedjan.infer.sampling import SamplingParams
 
     folder, cfg, params, tok, max_seq_len, stops = _load(args)
     engine = _engine(args, cfg, params, tok, max_seq_len, stops, 1).start()
@@ -200,7 +200,7 @@ def _cmd_chat(args):
 
 
 def _common_args(p):
-    from smedjan.generate import add_sampling_args
+    from smedjan.infer.cli import add_sampling_args
 
     p.add_argument("model", help="checkpoint folder or hub repo id")
     p.add_argument(

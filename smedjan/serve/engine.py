@@ -36,7 +36,9 @@ import jax
 import numpy as np
 
 from smedjan.config import ModelConfig
-from smedjan.generate import MAX_TOP_LOGPROBS, MIN_BUCKET, Runner, SamplingParams, TextStream
+from smedjan.infer.runner import MIN_BUCKET, Runner
+from smedjan.infer.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from smedjan.infer.stream import TextStream
 
 log = logging.getLogger("smedjan.serve")
 

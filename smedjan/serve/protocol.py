@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from smedjan.generate import MAX_TOP_LOGPROBS, SamplingParams
+from smedjan.infer.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_JSON_DEPTH = 32  # real requests nest 4 deep; json.loads recurses, so depth is checked first
 INT32_MAX = 2**31 - 1

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from smedjan.backend import settings
 from smedjan.hardware import peak_flops_for
 from smedjan.runconfig import RunConfig
 
@@ -268,7 +269,7 @@ def _run(rc: RunConfig) -> dict:
         )
     precision = rc.compute.precision
     if precision == "auto":
-        precision = "fp32" if jax.default_backend() == "cpu" else "bf16"
+        precision = "fp32" if settings().platform == "cpu" else "bf16"
     compute_dtype = jnp.bfloat16 if precision == "bf16" else None
     c = rc.compute
     optimizer, train_step, eval_step = _compiled_steps(
@@ -484,14 +485,14 @@ def _host_params(params) -> dict:
 
 
 def print_samples(params, model_cfg, tokenizer, rc: RunConfig) -> list[str]:
-    """A few sampled continuations (smedjan.generate's KV-cache decoder)."""
+    """A few sampled continuations (the KV-cache decoder, smedjan.infer)."""
     import jax
 
     prompts = [rc.log.sample_prompt] if rc.log.sample_prompt else ["", "ROMEO:", "First Citizen:\n"]
     prompts = (prompts * rc.log.samples)[: rc.log.samples]
-    ids = [tokenizer.encode(p, add_bos=True) for p in prompts]
+    ids = [tokenizer.encode_prompt(p) for p in prompts]
     params = jax.device_get(params)
-    from smedjan.generate import generate
+    from smedjan.infer.runner import generate
 
     outs = generate(
         params,

@@ -21,6 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from smedjan.backend import settings
+
 IGNORE = -1  # targets below zero are not counted
 
 
@@ -51,17 +53,13 @@ def _unchunk(x, n_tok, shape):
     return x.swapaxes(0, 1).reshape(-1, x.shape[-1])[:n_tok].reshape(shape)
 
 
-ONE_PASS_LSE: bool | None = None  # None: on GPU only (see _logsumexp_rows)
-
-
-def _logsumexp_rows(logits):
+def _logsumexp_rows(logits, one_pass: bool):
     """log Σ exp over the last axis in one read of `logits`: a variadic reduce carries each row's
     running max and its sum of exp(x − max), rescaling the smaller side's sum when two meet.
     jax.nn.logsumexp reads the logits twice, a max pass then a sum-exp pass: on the H100 at
     16384 × 32000 that was 0.69 + 0.69 ms against 0.89 ms for this one pass. XLA:CPU runs the two
     plain passes faster (the main job's step measured 2-8% slower with the variadic reduce), so other
-    backends keep them."""
-    one_pass = jax.default_backend() == "gpu" if ONE_PASS_LSE is None else ONE_PASS_LSE
+    backends keep them (`smedjan.backend`'s one_pass_lse)."""
     if not one_pass:
         return jax.nn.logsumexp(logits, axis=-1)
 
@@ -77,35 +75,35 @@ def _logsumexp_rows(logits):
     return m + jnp.log(s)
 
 
-def _chunk_stats(h_c, w, t_c):
+def _chunk_stats(h_c, w, t_c, one_pass):
     """(logits f32 [c, V], lse [c], valid [c], loss sum, count) of one chunk."""
     logits = jnp.einsum("nd,vd->nv", h_c, w, preferred_element_type=jnp.float32)
-    lse = _logsumexp_rows(logits)
+    lse = _logsumexp_rows(logits, one_pass)
     valid = t_c >= 0
     tgt = jnp.take_along_axis(logits, jnp.where(valid, t_c, 0)[:, None], axis=-1)[:, 0]
     return logits, lse, valid, jnp.sum(jnp.where(valid, lse - tgt, 0.0)), jnp.sum(valid.astype(jnp.int32))
 
 
-def _loss(hidden, weight, targets, chunk_size):
+def _loss(hidden, weight, targets, chunk_size, one_pass):
     h, t, _ = _chunked(hidden, targets, chunk_size)
     w = weight.astype(hidden.dtype)
 
     def body(carry, xs):
-        *_, loss, count = _chunk_stats(xs[0], w, xs[1])
+        *_, loss, count = _chunk_stats(xs[0], w, xs[1], one_pass)
         return (carry[0] + loss, carry[1] + count), None
 
     (loss, count), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), (h, t))
     return loss, count
 
 
-def _loss_fwd(hidden, weight, targets, chunk_size):
+def _loss_fwd(hidden, weight, targets, chunk_size, one_pass):
     h, t, n = _chunked(hidden, targets, chunk_size)
     w = weight.astype(hidden.dtype)
 
     def body(carry, xs):
         loss_acc, count_acc, dw = carry
         h_c, t_c = xs
-        logits, lse, valid, loss, count = _chunk_stats(h_c, w, t_c)
+        logits, lse, valid, loss, count = _chunk_stats(h_c, w, t_c, one_pass)
         # softmax − onehot as one elementwise expression (the onehot from an iota compare, not a
         # scatter into the probabilities), so it is one pass: read f32 logits, write bf16 dlogits
         onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == t_c[:, None]
@@ -120,24 +118,27 @@ def _loss_fwd(hidden, weight, targets, chunk_size):
     return (loss, count), (dh, dw.astype(weight.dtype))
 
 
-def _loss_bwd(chunk_size, res, cts):
+def _loss_bwd(chunk_size, one_pass, res, cts):
     dh, dw = res
     g = cts[0]  # the count output is an integer: no cotangent to carry
     return (dh * g.astype(dh.dtype)), (dw * g.astype(dw.dtype)), None
 
 
-_loss_vjp = jax.custom_vjp(_loss, nondiff_argnums=(3,))
+_loss_vjp = jax.custom_vjp(_loss, nondiff_argnums=(3, 4))
 _loss_vjp.defvjp(_loss_fwd, _loss_bwd)
 
 
-def chunked_cross_entropy(hidden, weight, targets, *, chunk_size: int = 1024):
+def chunked_cross_entropy(hidden, weight, targets, *, chunk_size: int = 1024, one_pass: bool | None = None):
     """(sum of token losses, number of counted tokens), both float32/int32 scalars.
 
     hidden [B, S, D] (any float dtype, e.g. bf16 compute), weight [V, D] (the lm_head / tied
     embedding), targets [B, S] int (negative = ignore). Logits are hidden · weightᵀ, computed
-    in hidden's dtype with float32 accumulation, softmax in float32.
+    in hidden's dtype with float32 accumulation, softmax in float32. one_pass: the log-sum-exp in one
+    pass (`smedjan.backend`'s one_pass_lse; None: the default backend's).
     """
-    return _loss_vjp(hidden, weight, targets, int(chunk_size))
+    if one_pass is None:
+        one_pass = settings().one_pass_lse
+    return _loss_vjp(hidden, weight, targets, int(chunk_size), bool(one_pass))
 
 
 def naive_cross_entropy(hidden, weight, targets):

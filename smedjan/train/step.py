@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from smedjan.backend import settings
 from smedjan.config import ModelConfig
-from smedjan.model.transformer import default_scan_unroll, forward, init_params, lm_head, param_shapes
+from smedjan.model.transformer import forward, init_params, lm_head, param_shapes
 from smedjan.runconfig import OptimConfig, ScheduleConfig
 from smedjan.train.loss import chunked_cross_entropy
 
@@ -136,7 +137,8 @@ def speed_knobs(
     slicing of stacked weights and residuals). On CPU, memory and compile time are the scarcer
     resources: no remat, 1k chunks, a rolled `lax.scan`.
     """
-    gpu = jax.default_backend() == "gpu"
+    backend = settings()
+    gpu = backend.platform == "gpu"
     if remat == "auto":
         remat = "dots" if gpu else "none"
     if not loss_chunk:
@@ -145,7 +147,7 @@ def speed_knobs(
             while loss_chunk * 2 * model_cfg.vocab_size * 4 <= 2**31 and loss_chunk < 16384:
                 loss_chunk *= 2
     if scan_unroll is None:
-        scan_unroll = default_scan_unroll()
+        scan_unroll = backend.scan_unroll
     return remat, loss_chunk, scan_unroll
 
 

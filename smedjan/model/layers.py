@@ -1,0 +1,72 @@
+"""The primitives every part of the model is built from: the projection and the norm.
+
+`linear` is the one entry point of every weight matrix in the model (attention, MLP, head), so a
+new weight representation (a quantized leaf) is handled in one place; `project` is a layer's named
+projection through it, plus the LoRA update when the layer's params carry one (`model/lora.py`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from smedjan.model import lora
+
+
+def rms_norm(x, weight, eps):
+    """Normalise in float32 and cast back before scaling, exactly as HF's LlamaRMSNorm."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def inv_rms(x, eps):
+    """1/rms of x over its last axis, float32 [..., 1]."""
+    xf = x.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+
+
+def pre_norm(x, weight, eps):
+    """An RMSNorm in front of projections: (input, output scale) for `linear`.
+
+    With the norm weight present, the normalised x and no scale (HF's exact rounding, what training
+    differentiates). With it folded into the consuming matrices (`weight` None, see
+    `transformer.prepare`): x itself and its 1/rms, applied to the float32 product, so the
+    normalised vector is never materialised (one small kernel less per norm per layer when decoding).
+    """
+    if weight is None:
+        return x, inv_rms(x, eps)
+    return rms_norm(x, weight, eps), None
+
+
+_LETTERS = "abcdefgh"
+
+
+def linear(x, w, b=None, *, scale=None):
+    """x [..., in] · w[*out, in] -> [..., *out] (+ b [*out]).
+
+    `w` keeps HF's [out, in] layout; fused weights carry more output axes (e.g. [Hkv, G+2, hd, in]).
+    `scale` [..., 1]: multiplies the float32 product before the cast and the bias (a folded norm).
+    """
+    out = _LETTERS[: w.ndim - 1]
+    spec = f"...z,{out}z->...{out}"
+    w = w.astype(x.dtype)
+    if scale is None:
+        y = jnp.einsum(spec, x, w)
+    else:
+        y = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+        y = (y * scale.reshape(scale.shape + (1,) * (w.ndim - 2))).astype(x.dtype)
+    return y if b is None else y + b.astype(x.dtype)
+
+
+def project(x, p, name, *, scale=None):
+    """Layer projection `name` ("mlp.down_proj") of x, with its bias and LoRA update when present."""
+    y = linear(x, p[f"{name}.weight"], p.get(f"{name}.bias"), scale=scale)
+    return plus_lora(y, x, p, name)
+
+
+def plus_lora(y, x, p, name):
+    """y + the LoRA update of projection `name` on input x (none without an adapter), in y's shape.
+    The update reads x normalised: with adapters the norms stay unfolded (`transformer.prepare`)."""
+    d = lora.delta(x, p, name)
+    return y if d is None else y + d.reshape(y.shape)
