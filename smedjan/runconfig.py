@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -120,7 +121,7 @@ class CheckpointConfig:
         False, "with --resume: stop when the newest checkpoint is damaged instead of falling back to an older one"
     )
     stop_after: int | None = opt(None, "stop (with a checkpoint) after this many steps", check="positive")
-    export: bool = opt(True, "write RUN/hf at the end", negate=True)
+    export: bool = opt(True, "skip writing RUN/hf at the end", negate=True)  # help: what the --no- flag does
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class LogConfig:
     log_every: int = opt(10, check="positive")
     eval_every: int = opt(200, "steps between validations (0: only at the end)", check="nonneg")
     eval_batches: int = opt(20, check="nonneg")
-    progress: bool = opt(True, "progress bar", negate=True)
+    progress: bool = opt(True, "no progress bar", negate=True)
     peak_flops: float | None = opt(None, "total peak FLOP/s for MFU on unknown hardware", check="positive")
     samples: int = opt(0, "print this many sampled texts at the end", check="nonneg")
     sample_tokens: int = opt(120, check="positive")
@@ -188,12 +189,15 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Check every field's type and range; raise RunConfigError naming the first bad one."""
-        for path, f, value in _walk(self):
-            _check(path, f, value)
         if type(self.objective) not in OBJECTIVES.values():
             raise RunConfigError(f"objective: not a registered objective ({type(self.objective).__name__})")
-        for f in dataclasses.fields(self.objective):
-            _check(f"objective.{f.name}", f, getattr(self.objective, f.name))
+        objective = [
+            (f"objective.{f.name}", f, getattr(self.objective, f.name), _hints(type(self.objective))[f.name])
+            for f in dataclasses.fields(self.objective)
+        ]
+        for path, f, value, tp in [*_walk(self), *objective]:
+            _coerce(path, tp, value)  # the Python API builds the dataclasses directly: check the types too
+            _check(path, f, value)
         if self.batch_size % self.grad_accum:
             raise RunConfigError(
                 f"batch_size (--batch-size): {self.batch_size} must divide by grad_accum (--grad-accum) {self.grad_accum}"
@@ -223,15 +227,20 @@ MODEL_FLAGS = {  # CLI/recipe shorthands for config.json fields (smedjan.info.ad
 }
 
 
+@functools.cache
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
+
+
 def _walk(rc: RunConfig):
-    """(dotted path, dataclass field, value) of every leaf option of the run (objective excluded)."""
+    """(dotted path, dataclass field, value, type) of every leaf option of the run (objective excluded)."""
     for f in dataclasses.fields(rc):
         if f.name in SECTIONS:
             section = getattr(rc, f.name)
             for g in dataclasses.fields(section):
-                yield f"{f.name}.{g.name}", g, getattr(section, g.name)
+                yield f"{f.name}.{g.name}", g, getattr(section, g.name), _hints(type(section))[g.name]
         elif f.name != "objective":
-            yield f.name, f, getattr(rc, f.name)
+            yield f.name, f, getattr(rc, f.name), _hints(RunConfig)[f.name]
 
 
 def flat_name(f: dataclasses.Field) -> str:
@@ -246,29 +255,19 @@ def flag_of(f: dataclasses.Field) -> str:
 def _flat_index() -> dict[str, tuple[str | None, str]]:
     """flat name -> (section or None for top level, field name)."""
     index = {}
-    for path, f, _ in _walk(RunConfig()):
+    for path, f, _, _ in _walk(RunConfig()):
         section, _, name = path.rpartition(".")
         index[flat_name(f)] = (section or None, name)
     return index
 
 
 FLAT = _flat_index()
+LABELS = {path: f"{path} ({flag_of(f)})" for path, f, _, _ in _walk(RunConfig())}
 
 
 def _label(path: str) -> str:
     """`optim.lr (--lr)`: the dotted path and the flag that sets it."""
-    section, _, name = path.rpartition(".")
-    if section in SECTIONS:
-        f = next(g for g in dataclasses.fields(getattr(RunConfig(), section)) if g.name == name)
-        return f"{path} ({flag_of(f)})"
-    if not section:
-        f = next(g for g in dataclasses.fields(RunConfig) if g.name == name)
-        return f"{path} ({flag_of(f)})"
-    return path
-
-
-def _hints(cls: type) -> dict:
-    return typing.get_type_hints(cls)
+    return LABELS.get(path, path)
 
 
 def _coerce(path: str, tp: Any, value: Any) -> Any:
@@ -443,7 +442,7 @@ def add_arguments(parser: argparse.ArgumentParser, model_args: Callable[[Any], N
         return groups[title]
 
     defaults = RunConfig()
-    for path, f, default in _walk(defaults):
+    for path, f, default, tp in _walk(defaults):
         section = path.split(".")[0] if "." in path else None
         if path == "model.overrides":
             model_args(group("model"))
@@ -453,8 +452,7 @@ def add_arguments(parser: argparse.ArgumentParser, model_args: Callable[[Any], N
         if default not in (None, "", False, True):
             help_ = f"{help_} (default: {default})".strip()
         kw = {"dest": flat_name(f), "default": None, "help": help_ or None}
-        tp = _hints(type(getattr(defaults, section)) if section else RunConfig)[f.name]
-        if tp is bool or tp == "bool":
+        if tp is bool:
             kw["action"] = "store_false" if f.metadata.get("negate") else "store_true"
         else:
             base = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]

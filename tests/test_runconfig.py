@@ -35,10 +35,10 @@ def test_every_field_has_one_flag_and_flags_reach_the_config():
     assert rc.ckpt.export is False and rc.log.progress is False and rc.ckpt.resume is True
     assert rc.model.overrides == {"hidden_size": 64, "head_dim": 0}
     assert runconfig.from_args(_args()) == RunConfig()  # no flags: the defaults, nothing else
-    flags = [runconfig.flag_of(f) for _, f, _ in runconfig._walk(RunConfig()) if f.name != "overrides"]
+    flags = [runconfig.flag_of(f) for _, f, _, _ in runconfig._walk(RunConfig()) if f.name != "overrides"]
     assert len(flags) == len(set(flags))
     parsed = vars(_args())
-    assert all(runconfig.flat_name(f) in parsed for _, f, _ in runconfig._walk(RunConfig()) if f.name != "overrides")
+    assert all(runconfig.flat_name(f) in parsed for _, f, _, _ in runconfig._walk(RunConfig()) if f.name != "overrides")
 
 
 def test_recipe_then_flags_then_api_merge():
@@ -78,6 +78,8 @@ def test_the_api_is_validated_too():
     bad = dataclasses.replace(RunConfig(), optim=OptimConfig(lr=-1.0))
     with pytest.raises(RunConfigError, match=r"optim\.lr \(--lr\): must be > 0"):
         bad.validate()
+    with pytest.raises(RunConfigError, match=r"steps \(--steps\): expected an integer, got '10'"):
+        RunConfig(steps="10").validate()
 
 
 def test_objectives_plug_in_their_own_section():
