@@ -13,6 +13,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from smedjan.errors import UserError
+from smedjan.hardware import xla_only
+
 ATTN_IMPLS = ("xla", "cudnn", "pallas")
 DECODE_IMPLS = ("xla", "cudnn", "pallas", "pallas_fused")
 
@@ -84,6 +87,14 @@ def settings(platform: str | None = None, **overrides) -> Backend:
             interpret=False,
         )
     else:
-        base = Backend(platform=platform)
+        base = Backend(platform=platform)  # CPU and Apple's METAL: XLA everywhere
     overrides = {k: v for k, v in overrides.items() if v is not None and v != "auto"}
+    if xla_only(platform):
+        kernels = {k: v for k, v in overrides.items() if k in ("attn_impl", "decode_impl") and v != "xla"}
+        if kernels:
+            name, impl = next(iter(kernels.items()))
+            raise UserError(
+                f"{name} {impl!r} is not available on Apple's Metal backend: the Pallas and cuDNN kernels are "
+                "CUDA-only, every path runs XLA there (use auto or xla)"
+            )
     return base.replace(**overrides)

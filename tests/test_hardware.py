@@ -74,3 +74,30 @@ def test_peak_flops_table():
     assert hardware.peak_flops_for("NVIDIA H200") == 989e12
     assert hardware.peak_flops_for("NVIDIA A100-SXM4-80GB") == 312e12
     assert hardware.peak_flops_for("cpu") is None and hardware.peak_flops_for("") is None
+
+
+def test_metal_routes_every_path_to_xla(monkeypatch):
+    from smedjan.backend import settings
+    from smedjan.errors import UserError
+
+    metal = settings("METAL")
+    assert (metal.platform, metal.attn_impl, metal.decode_impl, metal.prefill_impl) == ("metal", "xla", "xla", "xla")
+    assert settings("metal", attn_impl="auto", decode_impl="xla").attn_impl == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "METAL")  # what jax-metal reports
+    assert settings().platform == "metal" and settings().decode_impl == "xla"
+    for field, impl in (("attn_impl", "pallas"), ("attn_impl", "cudnn"), ("decode_impl", "pallas_fused")):
+        with pytest.raises(UserError, match=f"{field} '{impl}' is not available on Apple's Metal backend"):
+            settings(**{field: impl})
+
+
+def test_sampling_flags_are_named_as_flags(capsys, tmp_path):
+    from smedjan.cli import main
+
+    for argv, flag in (
+        (["generate", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "-5"], "--max-new-tokens"),
+        (["generate", str(tmp_path), "--prompt", "hi", "--top-p", "0"], "--top-p"),
+        (["chat", str(tmp_path), "--temperature", "-1"], "--temperature"),
+    ):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"error: {flag} must be" in err and "max_tokens" not in err and str(tmp_path) not in err

@@ -12,6 +12,7 @@ from smedjan.backend import settings
 from smedjan.config import ModelConfig
 from smedjan.errors import UserError
 from smedjan.infer.runner import eos_list, generate
+from smedjan.infer.sampling import SamplingParams
 from smedjan.infer.speculative import Speculation
 from smedjan.infer.stream import decode_text
 
@@ -65,6 +66,37 @@ def add_sampling_args(p):
     )
 
 
+# SamplingParams names its fields as the OpenAI API does; on the command line the flag is the name.
+SAMPLING_FLAGS = {
+    "max_tokens": "--max-new-tokens",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "min_p": "--min-p",
+    "repetition_penalty": "--repetition-penalty",
+    "seed": "--seed",
+}
+
+
+def check_sampling_args(args) -> None:
+    """The sampling flags checked before any model loads; the error names the flag."""
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    try:
+        params.validate()
+    except ValueError as e:
+        name, message = e.args
+        flag = SAMPLING_FLAGS.get(name, name)
+        raise UserError(flag + message.removeprefix(name)) from None
+
+
 def add_speculation_args(p):
     g = p.add_argument_group("speculative decoding")
     g.add_argument("--draft", metavar="MODEL", help="a smaller draft model sharing the tokenizer (folder or hub id)")
@@ -105,6 +137,7 @@ def default_dtype(name: str | None, backend=None):
 def _cmd_generate(args):
     from smedjan.checkpoint import CheckpointError
 
+    check_sampling_args(args)
     try:
         folder, cfg, params, tok = load_model(args.model, dtype=default_dtype(args.dtype))
     except (CheckpointError, FileNotFoundError, OSError) as e:

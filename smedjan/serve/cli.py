@@ -94,7 +94,9 @@ def served_model_name(model: str, folder: Path) -> str:
 
 
 def _cmd_serve(args):
+    from smedjan.infer.cli import check_sampling_args
 
+    check_sampling_args(args)
     try:
         import uvicorn
 
@@ -133,8 +135,10 @@ def _cmd_serve(args):
 
 
 def _cmd_chat(args):
+    from smedjan.infer.cli import check_sampling_args
     from smedjan.infer.sampling import SamplingParams
 
+    check_sampling_args(args)
     folder, cfg, params, tok, max_seq_len, stops = _load(args)
     engine = _engine(args, cfg, params, tok, max_seq_len, stops, 1).start()
     interactive = sys.stdin.isatty()
