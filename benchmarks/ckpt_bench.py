@@ -3,10 +3,11 @@
     python benchmarks/ckpt_bench.py stall --size 1b --batch 8 --seq-len 1024
     python benchmarks/ckpt_bench.py cross          # needs a GPU (and runs the CPU backend beside it)
 
-`stall` trains the preset on one device and saves once mid-run, twice: with the synchronous writer
+`stall` trains the preset on one device and saves once mid-run with each writer: the synchronous writer
 that smedjan used before orbax (every array gathered to host memory, one safetensors file written
-and fsync'ed on the training thread; `legacy_save` below is that code, from commit e125b12) and with
-`CheckpointWriter` (orbax: arrays copied off the device, files written in the background). It reports
+and fsync'ed on the training thread; `legacy_save` below is that code, from commit e125b12),
+`CheckpointWriter` (orbax: arrays copied to host memory, files written in the background) and the same
+with `device_copy` (a copy on the device first; the host copy runs in the background too). It reports
 the training thread's stall (the save call plus what the next steps lost to the background writing,
 against the median step), the time until the checkpoint is complete on disk, and the restore time,
 and checks that the background-saved values are those of the step saved (the steps that follow
@@ -95,9 +96,9 @@ def stall(args) -> None:
         state, m = step(state, batch)
     float(m["loss"])
     rows = {}
-    for mode in ("legacy (sync, gathered)", "orbax (async, sharded)"):
+    for mode in args.writers.split(","):
         tmp = Path(tempfile.mkdtemp(prefix="ckpt_bench_", dir=args.dir))
-        writer = ck.CheckpointWriter(tmp, keep=1) if mode.startswith("orbax") else None
+        writer = None if mode == "legacy" else ck.CheckpointWriter(tmp, keep=1, device_copy=mode == "orbax-copy")
         times, saved = [], None
         for i in range(args.steps):
             t0 = time.perf_counter()
@@ -142,13 +143,13 @@ def stall(args) -> None:
         print(mode, json.dumps(rows[mode]), flush=True)
         shutil.rmtree(tmp, ignore_errors=True)
     print(
-        f"\n{'writer':<26}{'step ms':>9}{'save call s':>13}{'lost after s':>14}{'stall s':>9}{'on disk s':>11}"
+        f"\n{'writer':<12}{'step ms':>9}{'save call s':>13}{'lost after s':>14}{'stall s':>9}{'on disk s':>11}"
         f"{'restore s':>11}{'sha256 s':>10}{'GiB':>7}  values"
     )
     for mode, r in rows.items():
         print(
-            f"{mode:<26}{r['step_ms']:>9.1f}{r['save_call_s']:>13.2f}{r['next_steps_lost_s']:>14.2f}{r['stall_s']:>9.2f}"
-            f"{r['on_disk_s']:>11.2f}{r['restore_s']:>11.2f}{r['verify_s'] if 'orbax' in mode else 0:>10.2f}"
+            f"{mode:<12}{r['step_ms']:>9.1f}{r['save_call_s']:>13.2f}{r['next_steps_lost_s']:>14.2f}{r['stall_s']:>9.2f}"
+            f"{r['on_disk_s']:>11.2f}{r['restore_s']:>11.2f}{r['verify_s'] if mode != 'legacy' else 0:>10.2f}"
             f"{r['gib']:>7.1f}  {'ok' if r['values_ok'] else 'DIFFER'}"
         )
     if not all(r["values_ok"] for r in rows.values()):
@@ -228,6 +229,11 @@ def main(argv=None) -> None:
     s.add_argument("--remat", default="dots")
     s.add_argument("--steps", type=int, default=10, help="timed steps per writer")
     s.add_argument("--save-at", type=int, default=3, help="the step (0-based) after which it saves")
+    s.add_argument(
+        "--writers",
+        default="legacy,orbax,orbax-copy",
+        help="legacy (sync, gathered), orbax (async, sharded), orbax-copy (the same after a copy on the device)",
+    )
     c = sub.add_parser("cross", help="CPU -> GPU and GPU -> CPU resume")
     for p in (s, c):
         p.add_argument("--dir", default=None, help="where checkpoints are written (default: the temp folder)")

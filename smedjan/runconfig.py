@@ -121,6 +121,11 @@ class CheckpointConfig:
         False, "with --resume: stop when the newest checkpoint is damaged instead of falling back to an older one"
     )
     stop_after: int | None = opt(None, "stop (with a checkpoint) after this many steps", check="positive")
+    device_copy: bool = opt(
+        False,
+        "copy the state on the devices before saving, so training goes on at once (needs room for a second state)",
+        flat="ckpt_device_copy",
+    )
     export: bool = opt(True, "skip writing RUN/hf at the end", negate=True)  # help: what the --no- flag does
 
 

@@ -42,11 +42,13 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
         ck.load_checkpoint(latest, {"a": jnp.zeros((4, 4)), "b": {"c": jnp.int32(0)}})
 
 
-def test_writer_saves_in_the_background_and_resaves_a_step_once(tmp_path):
-    writer = ck.CheckpointWriter(tmp_path, keep=2)
+@pytest.mark.parametrize("device_copy", [False, True])
+def test_writer_saves_in_the_background_and_resaves_a_step_once(tmp_path, device_copy):
+    writer = ck.CheckpointWriter(tmp_path, keep=2, device_copy=device_copy)
     state = jax.tree.map(jnp.copy, STATE)
     path = writer.save(state, {"step": 7})
-    state = jax.tree.map(lambda x: x * 0, state)  # the saved values were copied before save returned
+    # the next step donates the saved buffers: what is written was copied before save returned
+    state = jax.jit(lambda t: jax.tree.map(lambda x: x * 0, t), donate_argnums=0)(state)
     assert writer.save(state, {"step": 7}) == path  # a stop right after a periodic save: not written twice
     writer.close()
     restored, _ = ck.load_checkpoint(path, STATE)

@@ -170,18 +170,22 @@ def check_checkpoint(ckpt: str | os.PathLike) -> dict:
 class CheckpointWriter:
     """Saves train states of one run: sharded (each process writes its own shards) and in the background.
 
-    `save` returns once the arrays are copied off the devices, so the next step can run (and donate
-    its buffers); one save is in flight at a time, and `wait` (or the next `save`) re-raises what
-    went wrong in it. Call `close` before the process ends: it waits for the last save.
-    `seconds` of the newest save: "blocking" (the training thread's stall), "total" (until on disk).
+    `save` returns once the next step may run (and donate its buffers): with `device_copy`, after a copy
+    of the state on the devices themselves (milliseconds; the copy to host memory then runs in the
+    background too, at the price of a second state on the devices until it is done), else after
+    orbax has copied the arrays to host memory (1b on an H200: 8.9 s of 20.7 s). One save is in
+    flight at a time, and `wait` (or the next `save`) re-raises what went wrong in it. Call `close`
+    before the process ends: it waits for the last save. `seconds` of the newest save: "blocking"
+    (the training thread's stall), "total" (until on disk).
     """
 
-    def __init__(self, run_dir: str | os.PathLike, keep: int = 3, asynchronous: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, keep: int = 3, asynchronous: bool = True, device_copy: bool = False):
         import orbax.checkpoint as ocp
 
         self.root = Path(run_dir).absolute() / CKPT_DIR  # orbax refuses relative paths (`--out runs/x`)
         self.keep = keep
         self.asynchronous = asynchronous
+        self.device_copy = device_copy
         self._ocp = ocp
         self._orbax = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler())
         self._thread: threading.Thread | None = None
@@ -199,18 +203,24 @@ class CheckpointWriter:
         tmp = self.root / f"step_{step:08d}.tmp"
         if jax.process_index() == 0 and tmp.exists():
             shutil.rmtree(tmp)  # the remains of an interrupted save (before orbax creates anything in it)
-        self._orbax.save(tmp / STATE, args=self._ocp.args.StandardSave(state))
+        copy = _device_copy(state) if self.device_copy else None
+        if copy is None:
+            self._orbax.save(tmp / STATE, args=self._ocp.args.StandardSave(state))
         self.last_step = step
         self.seconds = {}
-        self._thread = threading.Thread(target=self._finish, args=(tmp, final, dict(meta), t0), daemon=False)
+        args = (tmp, final, dict(meta), t0, copy)
+        self._thread = threading.Thread(target=self._finish, args=args, daemon=False)
         self._thread.start()
         self.seconds["blocking"] = time.perf_counter() - t0
         if not self.asynchronous:
             self.wait()
         return final
 
-    def _finish(self, tmp: Path, final: Path, meta: dict, t0: float) -> None:
+    def _finish(self, tmp: Path, final: Path, meta: dict, t0: float, copy) -> None:
         try:
+            if copy is not None:
+                self._orbax.save(tmp / STATE, args=self._ocp.args.StandardSave(copy))
+                del copy  # orbax holds host copies now: the devices' second state is freed
             self._orbax.wait_until_finished()  # every process's shards are committed
             if jax.process_index() != 0:
                 return
@@ -249,6 +259,20 @@ class CheckpointWriter:
             self.wait()
         finally:
             self._orbax.close()
+
+
+def _device_copy(state):
+    """A copy of `state` made on its devices (same shardings), or None when it does not fit there."""
+    import jax.numpy as jnp
+
+    shardings = jax.tree.map(lambda a: a.sharding, state)
+    try:
+        copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(state)
+        return jax.block_until_ready(copy)
+    except Exception as e:  # out of device memory: orbax copies to host memory on this thread instead
+        if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+            raise
+        return None
 
 
 def save_checkpoint(run_dir: str | os.PathLike, state, meta: dict, keep: int = 3) -> Path:

@@ -356,7 +356,7 @@ def _run(rc: RunConfig) -> dict:
             "time": time.time(),
         }
 
-    writer = ck.CheckpointWriter(out, keep=rc.ckpt.keep)
+    writer = ck.CheckpointWriter(out, keep=rc.ckpt.keep, device_copy=rc.ckpt.device_copy)
 
     def save(step):
         return writer.save(state, meta_for(step))  # written in the background; `writer.close()` waits
