@@ -241,6 +241,11 @@ class CheckpointWriter:
             for _, p in checkpoints(self.root.parent)[: -self.keep]:
                 shutil.rmtree(p, ignore_errors=True)
 
+    @property
+    def in_flight(self) -> bool:
+        """A save is still being written."""
+        return self._thread is not None and self._thread.is_alive()
+
     def wait(self) -> None:
         """Block until the save in flight is on disk (renamed into place); raise its error if it failed."""
         if self._thread is not None:
