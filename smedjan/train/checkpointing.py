@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from smedjan.checkpoint import CheckpointError, replace_dir
@@ -190,6 +191,7 @@ class CheckpointWriter:
         self._orbax = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler())
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._copy = None  # with device_copy: the state copy that the background thread saves
         self.last_step: int | None = None
         self.seconds: dict[str, float] = {}
 
@@ -203,24 +205,23 @@ class CheckpointWriter:
         tmp = self.root / f"step_{step:08d}.tmp"
         if jax.process_index() == 0 and tmp.exists():
             shutil.rmtree(tmp)  # the remains of an interrupted save (before orbax creates anything in it)
-        copy = _device_copy(state) if self.device_copy else None
-        if copy is None:
+        self._copy = _device_copy(state) if self.device_copy else None
+        if self._copy is None:
             self._orbax.save(tmp / STATE, args=self._ocp.args.StandardSave(state))
         self.last_step = step
         self.seconds = {}
-        args = (tmp, final, dict(meta), t0, copy)
-        self._thread = threading.Thread(target=self._finish, args=args, daemon=False)
+        self._thread = threading.Thread(target=self._finish, args=(tmp, final, dict(meta), t0), daemon=False)
         self._thread.start()
         self.seconds["blocking"] = time.perf_counter() - t0
         if not self.asynchronous:
             self.wait()
         return final
 
-    def _finish(self, tmp: Path, final: Path, meta: dict, t0: float, copy) -> None:
+    def _finish(self, tmp: Path, final: Path, meta: dict, t0: float) -> None:
         try:
-            if copy is not None:
-                self._orbax.save(tmp / STATE, args=self._ocp.args.StandardSave(copy))
-                del copy  # orbax holds host copies now: the devices' second state is freed
+            if self._copy is not None:
+                self._orbax.save(tmp / STATE, args=self._ocp.args.StandardSave(self._copy))
+                self._copy = None  # orbax holds host copies now: the devices' second state is freed
             self._orbax.wait_until_finished()  # every process's shards are committed
             if jax.process_index() != 0:
                 return
@@ -266,13 +267,15 @@ class CheckpointWriter:
             self._orbax.close()
 
 
+def _copy_tree(tree):
+    return jax.tree.map(jnp.copy, tree)
+
+
 def _device_copy(state):
     """A copy of `state` made on its devices (same shardings), or None when it does not fit there."""
-    import jax.numpy as jnp
-
     shardings = jax.tree.map(lambda a: a.sharding, state)
     try:
-        copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(state)
+        copy = jax.jit(_copy_tree, out_shardings=shardings)(state)
         return jax.block_until_ready(copy)
     except Exception as e:  # out of device memory: orbax copies to host memory on this thread instead
         if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
