@@ -20,6 +20,7 @@ STAGES = [
     "smedjan.tokenizer",
     "smedjan.data",
     "smedjan.train.cli",
+    "smedjan.finetune_cli",
     "smedjan.infer.cli",
     "smedjan.serve.cli",
     "smedjan.bench",

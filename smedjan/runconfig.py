@@ -126,6 +126,11 @@ class CheckpointConfig:
         "copy the state on the devices before saving, so training goes on at once (needs room for a second state)",
         flat="ckpt_device_copy",
     )
+    max_bad_steps: int = opt(
+        10,
+        "a step with a non-finite loss or grad norm is skipped; stop after this many in a row (0: never)",
+        check="nonneg",
+    )
     export: bool = opt(True, "skip writing RUN/hf at the end", negate=True)  # help: what the --no- flag does
 
 
@@ -140,6 +145,9 @@ class LogConfig:
     log_every: int = opt(10, check="positive")
     eval_every: int = opt(200, "steps between validations (0: only at the end)", check="nonneg")
     eval_batches: int = opt(20, check="nonneg")
+    early_stopping_patience: int = opt(
+        0, "stop after this many validations without a better val loss, exporting the best (0: off)", check="nonneg"
+    )
     progress: bool = opt(True, "no progress bar", negate=True)
     peak_flops: float | None = opt(None, "total peak FLOP/s for MFU on unknown hardware", check="positive")
     samples: int = opt(0, "print this many sampled texts at the end", check="nonneg")
@@ -436,9 +444,11 @@ GROUPS = {  # CLI help groups: section -> group title (top-level scalars go to "
 }
 
 
-def add_arguments(parser: argparse.ArgumentParser, model_args: Callable[[Any], None]) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser, model_args: Callable[[Any], None], skip: tuple[str, ...] = ()
+) -> None:
     """One flag per field (default None = not given, so a recipe's value survives); `model_args(group)`
-    adds the --dim/--layers/... shorthands."""
+    adds the --dim/--layers/... shorthands; sections in `skip` get no flags (fine-tuning has no `data`)."""
     groups = {}
 
     def group(title: str) -> Any:
@@ -449,6 +459,8 @@ def add_arguments(parser: argparse.ArgumentParser, model_args: Callable[[Any], N
     defaults = RunConfig()
     for path, f, default, tp in _walk(defaults):
         section = path.split(".")[0] if "." in path else None
+        if section in skip:
+            continue
         if path == "model.overrides":
             model_args(group("model"))
             continue

@@ -51,6 +51,10 @@ PARTITION_RULES: list[tuple[str, int | None]] = [
     (r"mlp\.(gate|up)_proj\.weight$", 0),  # [F, D]: column-parallel
     (r"mlp\.down_proj\.weight$", 1),  # [D, F]: row-parallel
     (r"norm\.weight$", None),  # every RMSNorm scale: replicated
+    # LoRA: B [out, r] follows a column-parallel weight's out dim, A [r, in] a row-parallel one's in dim
+    (r"(self_attn\.[qkv]|mlp\.(gate|up))_proj\.lora_B\.weight$", 0),
+    (r"(self_attn\.o|mlp\.down)_proj\.lora_A\.weight$", 1),
+    (r"lora_[AB]\.weight$", None),
 ]
 
 

@@ -148,6 +148,11 @@ class Tokenizer:
         prompts start with the text's own tokens."""
         return self._tk.encode(text, add_special_tokens=True).ids
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, (start, end) character span of each token in `text`), as `encode(text)`."""
+        enc = self._tk.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=False)]
 

@@ -176,13 +176,17 @@ class ChatEncoder:
         return [(t, tgt) for t, tgt in pieces if t]
 
     def encode_messages(self, messages: list[dict]) -> Example:
-        ids: list[int] = []
-        mask: list[bool] = []
-        for text, target in self.spans(messages):
-            piece = self.tok.encode(text)
-            ids += piece
-            mask += [target] * len(piece)
-        return Example(ids, mask)
+        """The whole rendering tokenised once (so ids are exactly what inference sees); a token is a
+        target when it starts inside an assistant piece."""
+        text, spans, at = "", [], 0
+        for piece, target in self.spans(messages):
+            if target:
+                spans.append((at, at + len(piece)))
+            text += piece
+            at += len(piece)
+        ids, offsets = self.tok.encode_offsets(text)
+        mask = [any(a <= start < b for a, b in spans) for start, _ in offsets]
+        return Example(list(ids), mask)
 
     def encode_text(self, text: str) -> Example:
         ids = self.tok.encode(text, add_bos=True, add_eos=True)

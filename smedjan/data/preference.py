@@ -89,18 +89,46 @@ class PreferenceEncoder:
         ex.mask[:n_prompt] = [False] * min(n_prompt, len(ex.mask))
         return ex
 
-    def pair(self, row) -> Pair:
+    def pair(self, row, max_len: int | None = None) -> Pair:
         prompt, chosen, rejected = preference_triple(row)
         pair = Pair(self.encode(prompt, chosen), self.encode(prompt, rejected))
+        if max_len:
+            pair = Pair(_keep_end(pair.chosen, max_len), _keep_end(pair.rejected, max_len))
         if not sum(pair.chosen.mask[1:]) or not sum(pair.rejected.mask[1:]):
             raise DataError("an empty completion")
         return pair
 
 
+def _keep_end(ex: Example, max_len: int) -> Example:
+    """Too long: drop prompt tokens after the first (bos) so the completion survives (TRL's keep_end),
+    then, if the completion alone is too long, its end."""
+    excess = len(ex.ids) - max_len
+    if excess <= 0:
+        return ex
+    first = ex.mask.index(True) if True in ex.mask else len(ex.mask)
+    cut = min(excess, max(first - 1, 0))
+    ids, mask = ex.ids[:1] + ex.ids[1 + cut :], ex.mask[:1] + ex.mask[1 + cut :]
+    return Example(ids[:max_len], mask[:max_len])
+
+
 def preference_pairs(paths, tokenizer, *, max_len: int, skip_bad_rows: bool = False):
-    """(pairs, Stats) of every row in `paths`, each side cut to `max_len` tokens."""
+    """(pairs, Stats) of every row in `paths`; a side longer than `max_len` tokens loses the start of
+    its prompt first (counted as cut)."""
     enc = PreferenceEncoder(tokenizer)
-    return load_examples(paths, lambda row: [enc.pair(row)], max_len=max_len, skip_bad_rows=skip_bad_rows)
+
+    def one(row):
+        full = enc.pair(row)
+        cut = any(len(e.ids) > max_len for e in full)
+        pair = enc.pair(row, max_len) if cut else full
+        if not sum(pair.chosen.mask[1:]) or not sum(pair.rejected.mask[1:]):
+            raise DataError("a completion is empty")
+        one.cut += cut
+        return [pair]
+
+    one.cut = 0
+    pairs, stats = load_examples(paths, one, max_len=max_len, skip_bad_rows=skip_bad_rows)
+    stats.truncated += one.cut
+    return pairs, stats
 
 
 def pair_arrays(pairs: list[Pair], seq_len: int) -> dict[str, np.ndarray]:

@@ -67,6 +67,52 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches:
     return out
 
 
+class RowSampler:
+    """Batches of whole rows (packed SFT rows, preference pairs) from arrays [N, ...]: epoch e visits the
+    rows in the order of `default_rng([seed, e]).permutation(N)`, so batch i is a pure function of
+    (seed, i) and resume is exact, as for `WindowSampler`."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int = 0, rows: slice | None = None):
+        self.arrays = arrays
+        self.n = len(next(iter(arrays.values())))
+        if self.n == 0:
+            raise ValueError("no training rows")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rows = rows or slice(0, batch_size)
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+        return self._perm[1]
+
+    def indices(self, index: int) -> np.ndarray:
+        pos = np.arange(index * self.batch_size, (index + 1) * self.batch_size)[self.rows]
+        return np.array([self._order(int(p // self.n))[p % self.n] for p in pos])
+
+    def batch(self, index: int) -> dict[str, np.ndarray]:
+        idx = self.indices(index)
+        return {k: v[idx] for k, v in self.arrays.items()}
+
+
+def eval_rows(arrays: dict[str, np.ndarray], batch_size: int, max_batches: int | None = None) -> list[dict]:
+    """Rows in order as whole batches; the last is filled with empty rows (inputs 0, targets -1, so
+    nothing in them is counted)."""
+    n = len(next(iter(arrays.values()))) if arrays else 0
+    if max_batches:
+        n = min(n, max_batches * batch_size)
+    out = []
+    for i in range(0, n, batch_size):
+        b = {}
+        for k, v in arrays.items():
+            part = v[i : min(i + batch_size, n)]
+            pad = np.full((batch_size - len(part), *v.shape[1:]), -1 if k == "targets" else 0, v.dtype)
+            b[k] = np.concatenate([part, pad])
+        out.append(b)
+    return out
+
+
 class Prefetcher:
     """Builds batch i+1, i+2, ... on a thread and puts them on device while step i runs."""
 

@@ -148,3 +148,53 @@ def naive_cross_entropy(hidden, weight, targets):
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid.astype(jnp.int32))
+
+
+def token_logprobs(hidden, weight, targets, *, chunk_size: int = 1024):
+    """log p(target) of every token, [B, S] float32 (0 where the target is ignored), for sequence
+    scores (DPO). The same chunking as the loss: one chunk's [c, V] logits at a time, recomputed in
+    the backward (`jax.checkpoint`), so [B, S, V] never exists."""
+    h, t, n = _chunked(hidden, targets, chunk_size)
+    w = weight.astype(hidden.dtype)
+    one_pass = settings().one_pass_lse
+
+    @jax.checkpoint
+    def one(xs):
+        h_c, t_c = xs
+        logits = jnp.einsum("nd,vd->nv", h_c, w, preferred_element_type=jnp.float32)
+        valid = t_c >= 0
+        tgt = jnp.take_along_axis(logits, jnp.where(valid, t_c, 0)[:, None], axis=-1)[:, 0]
+        return jnp.where(valid, tgt - _logsumexp_rows(logits, one_pass), 0.0)
+
+    lp = jax.lax.map(one, (h, t))
+    return _unchunk(lp[..., None], n, (*targets.shape, 1))[..., 0]
+
+
+def distillation_loss(hidden, weight, t_hidden, t_weight, targets, *, temperature, alpha, chunk_size: int = 1024):
+    """(Σ α·T²·KL(teacher_T ‖ student_T) + (1−α)·CE, Σ KL·T², Σ CE, counted tokens) over tokens whose target
+    is counted. teacher_T/student_T are softmaxes of logits / T; the student has `hidden` [B, S, D] and
+    head `weight` [V, D], the teacher its own `t_hidden` [B, S, D'] and `t_weight` [V, D'] (any depth or
+    width, one vocabulary). Chunked over tokens like the loss: one chunk's two [c, V] logit blocks at a
+    time, recomputed in the backward; the teacher gets no gradient."""
+    h, t, _ = _chunked(hidden, targets, chunk_size)
+    ht, _, _ = _chunked(jax.lax.stop_gradient(t_hidden), targets, chunk_size)
+    w = weight.astype(hidden.dtype)
+    wt = jax.lax.stop_gradient(t_weight).astype(t_hidden.dtype)
+    inv_t = 1.0 / temperature
+    one_pass = settings().one_pass_lse
+
+    @jax.checkpoint
+    def one(xs):
+        h_c, ht_c, t_c = xs
+        ls = jnp.einsum("nd,vd->nv", h_c, w, preferred_element_type=jnp.float32)
+        lt = jnp.einsum("nd,vd->nv", ht_c, wt, preferred_element_type=jnp.float32)
+        valid = t_c >= 0
+        ce = _logsumexp_rows(ls, one_pass) - jnp.take_along_axis(ls, jnp.where(valid, t_c, 0)[:, None], axis=-1)[:, 0]
+        log_ps = jax.nn.log_softmax(ls * inv_t, axis=-1)
+        log_pt = jax.nn.log_softmax(lt * inv_t, axis=-1)
+        kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1) * temperature**2
+        kl, ce = jnp.where(valid, kl, 0.0), jnp.where(valid, ce, 0.0)
+        return jnp.stack([jnp.sum(alpha * kl + (1 - alpha) * ce), jnp.sum(kl), jnp.sum(ce)])
+
+    sums = jnp.sum(jax.lax.map(one, (h, ht, t)), axis=0)
+    return sums[0], sums[1], sums[2], jnp.sum(targets >= 0)

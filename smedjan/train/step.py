@@ -16,7 +16,7 @@ Typical use::
 from __future__ import annotations
 
 import re
-from functools import partial, wraps
+from functools import wraps
 from typing import Any, NamedTuple
 
 import jax
@@ -25,9 +25,10 @@ import optax
 
 from smedjan.backend import settings
 from smedjan.config import ModelConfig
-from smedjan.model.transformer import forward, init_params, lm_head, param_shapes
+from smedjan.model.transformer import init_params, param_shapes
 from smedjan.runconfig import OptimConfig, ScheduleConfig
-from smedjan.train.loss import chunked_cross_entropy
+from smedjan.train.objectives import Forward
+from smedjan.train.objectives.lm import LM
 
 
 class TrainState(NamedTuple):
@@ -85,28 +86,49 @@ def make_optimizer(
 
 
 # ---- state -------------------------------------------------------------------------------------------
-def _init_fn(model_cfg, optimizer, param_dtype):
+def _trainable_shapes(model_cfg, lora=None) -> dict:
+    """Shapes of what the optimizer trains: every model parameter, or only the LoRA adapters."""
+    if lora is None:
+        return param_shapes(model_cfg)
+    from smedjan.model.lora import adapter_shapes
+
+    return adapter_shapes(param_shapes(model_cfg), lora)
+
+
+def _init_fn(model_cfg, optimizer, param_dtype, lora=None):
     def init(key):
-        params = init_params(model_cfg, key, param_dtype)
+        if lora is None:
+            params = init_params(model_cfg, key, param_dtype)
+        else:
+            from smedjan.model.lora import init_adapters
+
+            params = init_adapters(param_shapes(model_cfg), lora, key, param_dtype)
         return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
 
     return init
 
 
-def state_shardings(model_cfg: ModelConfig, optimizer, mesh, param_dtype=jnp.float32):
+def state_shardings(model_cfg: ModelConfig, optimizer, mesh, param_dtype=jnp.float32, lora=None):
     """NamedShardings for every leaf of the TrainState on `mesh` (see smedjan.sharding)."""
     from smedjan.sharding import param_shardings, tree_shardings
 
-    abstract = jax.eval_shape(_init_fn(model_cfg, optimizer, param_dtype), jax.random.key(0))
-    return tree_shardings(abstract, param_shardings(param_shapes(model_cfg), mesh), mesh)
+    abstract = jax.eval_shape(_init_fn(model_cfg, optimizer, param_dtype, lora), jax.random.key(0))
+    return tree_shardings(abstract, param_shardings(_trainable_shapes(model_cfg, lora), mesh), mesh)
 
 
-def init_train_state(model_cfg: ModelConfig, key, optimizer, param_dtype=jnp.float32, mesh=None) -> TrainState:
-    """Fresh params (`init_params`) and optimizer state, created already sharded when `mesh` is given."""
-    init = _init_fn(model_cfg, optimizer, param_dtype)
+def init_train_state(
+    model_cfg: ModelConfig, key, optimizer, param_dtype=jnp.float32, mesh=None, lora=None, params=None
+) -> TrainState:
+    """Fresh params (`init_params`; with `lora`, fresh adapters) and optimizer state, created already
+    sharded when `mesh` is given. `params`: start from these instead (fine-tuning a checkpoint)."""
+    init = _init_fn(model_cfg, optimizer, param_dtype, lora)
+    if params is not None:
+        key = params
+        init = lambda p: TrainState(p, optimizer.init(p), jnp.zeros((), jnp.int32))  # noqa: E731
+    # placed as the step's outputs will be (a state placed otherwise would make the step compile twice)
     if mesh is None:
         return jax.jit(init)(key)
-    return jax.jit(init, out_shardings=state_shardings(model_cfg, optimizer, mesh, param_dtype))(key)
+    return jax.jit(init, out_shardings=state_shardings(model_cfg, optimizer, mesh, param_dtype, lora))(key)
 
 
 def _global_norm(tree):
@@ -117,13 +139,6 @@ def _global_norm(tree):
 
 
 # ---- the step ------------------------------------------------------------------------------------------
-def split_batch(batch) -> tuple[jax.Array, jax.Array]:
-    if "tokens" in batch:
-        tokens = batch["tokens"]
-        return tokens[:, :-1], tokens[:, 1:]
-    return batch["inputs"], batch["targets"]
-
-
 def speed_knobs(
     model_cfg: ModelConfig, remat: str = "auto", loss_chunk: int | None = None, scan_unroll: int | bool | None = None
 ) -> tuple[str, int, int | bool]:
@@ -164,18 +179,14 @@ def loss_and_count(
     scan_unroll=None,
 ):
     """(sum of token losses, counted tokens) of one batch, via the chunked cross-entropy."""
+    fw = forward_knobs(model_cfg, attn_impl, remat, compute_dtype, loss_chunk, scan_unroll)
+    batch = {"inputs": inputs, "targets": targets}
+    return LM().loss(fw, params, batch)[0], LM().count(batch)
+
+
+def forward_knobs(model_cfg, attn_impl, remat, compute_dtype, loss_chunk, scan_unroll) -> Forward:
     remat, loss_chunk, scan_unroll = speed_knobs(model_cfg, remat, loss_chunk, scan_unroll)
-    hidden = forward(
-        params,
-        inputs,
-        model_cfg,
-        attn_impl=attn_impl,
-        remat=remat,
-        compute_dtype=compute_dtype,
-        return_hidden=True,
-        scan_unroll=scan_unroll,
-    )
-    return chunked_cross_entropy(hidden, lm_head(params, model_cfg), targets, chunk_size=loss_chunk)
+    return Forward(model_cfg, attn_impl, remat, compute_dtype, loss_chunk, scan_unroll)
 
 
 def _traced_in(mesh, fn):
@@ -202,6 +213,35 @@ def _mesh_loss_chunk(model_cfg, loss_chunk, mesh):
     return speed_knobs(model_cfg)[1] * batch_divisor(mesh)
 
 
+def _model_params(trainable, frozen, lora, key=None):
+    """What the model runs with: the trained params, or the frozen base with the trained adapters attached."""
+    if lora is None:
+        return trainable
+    from smedjan.model.lora import attach
+
+    return attach(frozen["base"], trainable, lora, key)
+
+
+def _microbatches(batch, grad_accum, mesh):
+    """Every batch array [B, ...] -> [A, B/A, ...]; micro-batch i = rows i, i+A, ...: each spans every data shard."""
+
+    def split(a):
+        b = a.shape[0]
+        if b % grad_accum:
+            raise ValueError(f"batch size {b} does not divide by grad_accum {grad_accum}")
+        m = a.reshape(b // grad_accum, grad_accum, *a.shape[1:]).swapaxes(0, 1)
+        if mesh is not None:
+            from jax.sharding import NamedSharding
+            from jax.sharding import PartitionSpec as P
+
+            from smedjan.sharding import BATCH_AXES
+
+            m = jax.lax.with_sharding_constraint(m, NamedSharding(mesh, P(None, BATCH_AXES)))
+        return m
+
+    return jax.tree.map(split, batch)
+
+
 def make_train_step(
     model_cfg: ModelConfig,
     optimizer,
@@ -215,94 +255,126 @@ def make_train_step(
     param_dtype=jnp.float32,
     donate: bool = True,
     scan_unroll: int | bool | None = None,
+    objective=None,
+    lora=None,
+    seed: int = 0,
 ):
-    """A jitted `step(state, batch) -> (state, metrics)`.
+    """A jitted `step(state, batch, frozen=None) -> (state, metrics)`.
 
-    batch: {"tokens": int32 [B, S+1]} (inputs = tokens[:, :-1], targets = tokens[:, 1:]) or
-    {"inputs": int32 [B, S], "targets": int32 [B, S]} (targets < 0 are ignored).
-    B must divide by `grad_accum` (and, with a mesh, B/grad_accum by data·fsdp). The loss is the
-    mean over every counted token of the whole batch, so accumulation equals one big batch.
+    objective: what is minimised (smedjan.train.objectives; default LM, the pre-training loss). For LM,
+    batch is {"tokens": int32 [B, S+1]} (inputs = tokens[:, :-1], targets = tokens[:, 1:]) or
+    {"inputs", "targets"} [B, S] (targets < 0 are ignored), optionally with "segment_ids"/"positions"
+    (packed rows). The loss is the objective's sum over the whole batch divided by its count (target
+    tokens, pairs), so accumulation equals one big batch.
+    lora: a LoraConfig: state.params are then the adapters and frozen["base"] the model weights (never
+    updated; optimizer state exists only for the adapters). frozen: {"base": ..., "teacher": ...} as the
+    run needs them (`frozen_shardings` places them on a mesh).
+    B must divide by `grad_accum` (and, with a mesh, B/grad_accum by data·fsdp).
     compute_dtype: bf16 forward/backward over fp32 master weights (None: compute in param dtype).
     mesh: a smedjan.sharding mesh; state and batch then carry NamedShardings (in/out shardings
     of the jit), the batch split over (data, fsdp).
     The state argument is donated (its buffers are reused for the new state).
-    metrics: {"loss": mean token loss, "grad_norm": pre-clip global norm, "tokens": counted tokens}.
+    A step whose loss or gradient norm is not finite changes nothing but the step counter: its update
+    is dropped (metrics["skipped"] = 1) so one bad batch cannot poison the weights or Adam's moments.
+    metrics: {"loss": mean loss, "grad_norm": pre-clip global norm, "tokens": the count, "skipped",
+    and the objective's metrics as means over the count}.
     """
     if grad_accum < 1:
         raise ValueError("grad_accum must be >= 1")
-    loss_chunk = _mesh_loss_chunk(model_cfg, loss_chunk, mesh)
-    lc = partial(
-        loss_and_count,
-        model_cfg=model_cfg,
-        attn_impl=attn_impl,
-        remat=remat,
-        compute_dtype=compute_dtype,
-        loss_chunk=loss_chunk,
-        scan_unroll=scan_unroll,
+    objective = objective or LM()
+    fw = forward_knobs(
+        model_cfg, attn_impl, remat, compute_dtype, _mesh_loss_chunk(model_cfg, loss_chunk, mesh), scan_unroll
     )
-    micro_spec = None
-    if mesh is not None:
-        from jax.sharding import NamedSharding
-        from jax.sharding import PartitionSpec as P
+    dropout = lora is not None and lora.dropout > 0
 
-        from smedjan.sharding import BATCH_AXES
-
-        micro_spec = NamedSharding(mesh, P(None, BATCH_AXES, None))
-
-    def scaled_loss(params, inputs, targets, denom):
-        s, n = lc(params, inputs, targets)
-        return s / denom, s
+    def scaled_loss(trainable, frozen, batch, denom, key):
+        s, aux = objective.loss(fw, _model_params(trainable, frozen, lora, key), batch, frozen)
+        return s / denom, (s, aux)
 
     grad_fn = jax.grad(scaled_loss, has_aux=True)
 
-    def step(state: TrainState, batch):
-        inputs, targets = split_batch(batch)
-        inputs = inputs.astype(jnp.int32)
-        targets = targets.astype(jnp.int32)
-        n_tokens = jnp.sum(targets >= 0)
-        denom = jnp.maximum(n_tokens, 1).astype(jnp.float32)
+    def step(state: TrainState, batch, frozen):
+        count = objective.count(batch)
+        denom = jnp.maximum(count, 1).astype(jnp.float32)
+        key = jax.random.fold_in(jax.random.key(seed), state.step) if dropout else None
         if grad_accum == 1:
-            grads, loss_sum = grad_fn(state.params, inputs, targets, denom)
+            grads, (loss_sum, aux) = grad_fn(state.params, frozen, batch, denom, key)
         else:
-            b = inputs.shape[0]
-            if b % grad_accum:
-                raise ValueError(f"batch size {b} does not divide by grad_accum {grad_accum}")
-            # microbatch i = rows i, i+A, i+2A, ...: every microbatch spans every data shard
-            mi = inputs.reshape(b // grad_accum, grad_accum, -1).swapaxes(0, 1)
-            mt = targets.reshape(b // grad_accum, grad_accum, -1).swapaxes(0, 1)
-            if micro_spec is not None:
-                mi = jax.lax.with_sharding_constraint(mi, micro_spec)
-                mt = jax.lax.with_sharding_constraint(mt, micro_spec)
+            micro = _microbatches(batch, grad_accum, mesh)
 
-            def micro(carry, xs):
-                g_acc, l_acc = carry
-                g, l = grad_fn(state.params, xs[0], xs[1], denom)
-                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l), None
+            def body(carry, xs):
+                i, mb = xs
+                g, (l, a) = grad_fn(
+                    state.params, frozen, mb, denom, None if key is None else jax.random.fold_in(key, i)
+                )
+                return jax.tree.map(jnp.add, carry, (g, l, a)), None
 
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            (grads, loss_sum), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), (mi, mt))
+            zeros = jax.eval_shape(
+                lambda: grad_fn(state.params, frozen, jax.tree.map(lambda m: m[0], micro), denom, key)
+            )
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), (zeros[0], zeros[1][0], zeros[1][1]))
+            (grads, loss_sum, aux), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         grad_norm = _global_norm(grads)
+        ok = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "tokens": n_tokens}
+        params, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(ok, new, old), (params, opt_state), (state.params, state.opt_state)
+        )
+        metrics = {
+            "loss": loss_sum / denom,
+            "grad_norm": grad_norm,
+            "tokens": count,
+            "skipped": jnp.logical_not(ok).astype(jnp.int32),
+            **{k: v / denom for k, v in aux.items()},
+        }
         return TrainState(params, opt_state, state.step + 1), metrics
 
     step = _traced_in(mesh, step)
     donate_argnums = (0,) if donate else ()
     if mesh is None:
-        return jax.jit(step, donate_argnums=donate_argnums)
-    from smedjan.sharding import batch_sharding, replicated
+        jitted = jax.jit(step, donate_argnums=donate_argnums)
+    else:
+        from smedjan.sharding import replicated
 
-    st_sh = state_shardings(model_cfg, optimizer, mesh, param_dtype)
-    rep = replicated(mesh)
-    b_sh = batch_sharding(mesh)
-    return jax.jit(
-        step,
-        donate_argnums=donate_argnums,
-        in_shardings=(st_sh, b_sh),
-        out_shardings=(st_sh, {"loss": rep, "grad_norm": rep, "tokens": rep}),
-    )
+        st_sh = state_shardings(model_cfg, optimizer, mesh, param_dtype, lora)
+        rep = replicated(mesh)
+        jitted = jax.jit(
+            step,
+            donate_argnums=donate_argnums,
+            in_shardings=(st_sh, _batch_sharding(mesh), frozen_shardings(model_cfg, objective, lora, mesh)),
+            out_shardings=(st_sh, rep),
+        )
+
+    @wraps(step)
+    def call(state, batch, frozen=None):
+        return jitted(state, batch, frozen)
+
+    return call
+
+
+def frozen_shardings(model_cfg, objective, lora, mesh):
+    """Placement of the `frozen` step argument: {"base": the model's (LoRA), "teacher": the teacher's}."""
+    from smedjan.sharding import param_shardings
+
+    sh = {}
+    if lora is not None:
+        sh["base"] = param_shardings(param_shapes(model_cfg), mesh)
+    teacher_cfg = getattr(objective, "teacher_cfg", None)
+    if teacher_cfg is not None:
+        sh["teacher"] = param_shardings(param_shapes(teacher_cfg), mesh)
+    return sh or None
+
+
+def _batch_sharding(mesh):
+    """Every batch array split over (data, fsdp) on its first axis, whatever its rank."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from smedjan.sharding import BATCH_AXES
+
+    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def make_eval_step(
@@ -313,28 +385,33 @@ def make_eval_step(
     loss_chunk: int | None = None,
     mesh=None,
     param_dtype=jnp.float32,
+    objective=None,
+    lora=None,
 ):
-    """Jitted `eval(params, batch) -> (loss_sum, count)` (same batch formats as the train step)."""
+    """Jitted `eval(params, batch, frozen=None) -> (loss_sum, count, {metric: sum})` (batches and
+    objective as for the train step; with `lora`, params are the adapters and frozen["base"] the model)."""
+    objective = objective or LM()
+    fw = forward_knobs(model_cfg, attn_impl, "none", compute_dtype, _mesh_loss_chunk(model_cfg, loss_chunk, mesh), None)
 
-    loss_chunk = _mesh_loss_chunk(model_cfg, loss_chunk, mesh)
-
-    def ev(params, batch):
-        inputs, targets = split_batch(batch)
-        return loss_and_count(
-            params,
-            inputs.astype(jnp.int32),
-            targets.astype(jnp.int32),
-            model_cfg,
-            attn_impl=attn_impl,
-            compute_dtype=compute_dtype,
-            loss_chunk=loss_chunk,
-        )
+    def ev(params, batch, frozen):
+        s, aux = objective.loss(fw, _model_params(params, frozen, lora), batch, frozen)
+        return s, objective.count(batch), aux
 
     ev = _traced_in(mesh, ev)
     if mesh is None:
-        return jax.jit(ev)
-    from smedjan.sharding import batch_sharding, param_shardings, replicated
+        jitted = jax.jit(ev)
+    else:
+        from smedjan.sharding import param_shardings, replicated
 
-    p_sh = param_shardings(param_shapes(model_cfg), mesh)
-    rep = replicated(mesh)
-    return jax.jit(ev, in_shardings=(p_sh, batch_sharding(mesh)), out_shardings=(rep, rep))
+        rep = replicated(mesh)
+        p_sh = param_shardings(_trainable_shapes(model_cfg, lora), mesh)
+        jitted = jax.jit(
+            ev,
+            in_shardings=(p_sh, _batch_sharding(mesh), frozen_shardings(model_cfg, objective, lora, mesh)),
+            out_shardings=rep,
+        )
+
+    def call(params, batch, frozen=None):
+        return jitted(params, batch, frozen)
+
+    return call
