@@ -45,6 +45,12 @@ def test_greedy_speculative_equals_plain(method):
     got = generate(params, cfg, prompts, max_new_tokens=24, speculation=spec, draft=draft, stats=stats)
     assert got == want
     assert stats["rounds"] > 0 and stats["proposed"] > 0
+    if method == "ngram":  # a model that repeats itself: prompt lookup's proposals are taken
+        cfg1, params1 = _model(0, scale=1.0)
+        st = {}
+        plain = generate(params1, cfg1, prompts, max_new_tokens=24)
+        assert generate(params1, cfg1, prompts, max_new_tokens=24, speculation=spec, stats=st) == plain
+        assert st["acceptance_rate"] > 0.5
     if method == "self":
         assert stats["acceptance_rate"] == 1.0 and stats["rounds"] <= 24 // 4 + 2
     # stop tokens end a row the same way
@@ -118,3 +124,31 @@ def test_generate_cli_speculation(tmp_path, capsys):
         assert out.out == want and "accepted" in out.err
     assert main(base + ["--draft", str(tmp_path / "missing")]) == 1
     assert "--draft" in capsys.readouterr().err
+
+
+def test_engine_per_request_prompt_lookup():
+    """Requests that ask for speculation (prompt lookup) and plain ones share the engine's batch; greedy
+    outputs equal plain generation; a penalised request in the batch turns speculation off, not wrong."""
+    from smedjan.infer.sampling import SamplingParams
+    from smedjan.serve.engine import Engine
+
+    # small weights: the model mostly repeats itself, so prompt lookup has something to find
+    cfg, params = _model(0, scale=1.0)
+    prompts = [[3, 9, 27, 3, 9, 27, 3, 9], [5, 6, 7, 8, 5, 6], [1, 2, 3]]
+    want = generate(params, cfg, prompts, max_new_tokens=20)
+    with Engine(params, cfg, max_batch=4, max_seq_len=64, speculation=Speculation("ngram", k=3)) as engine:
+        reqs = [
+            engine.submit(p, SamplingParams(max_new_tokens=20, speculative=i != 1, seed=0))
+            for i, p in enumerate(prompts)
+        ]
+        assert [r.result()[0] for r in reqs] == want
+        assert engine.spec_accepted > 0
+        pen = SamplingParams(max_new_tokens=20, repetition_penalty=1.3)
+        reqs = [
+            engine.submit(prompts[0], SamplingParams(max_new_tokens=20, speculative=True)),
+            engine.submit(prompts[1], pen),
+        ]
+        assert reqs[0].result()[0] == want[0]
+        assert reqs[1].result()[0] == generate(params, cfg, [prompts[1]], max_new_tokens=20, repetition_penalty=1.3)[0]
+    with pytest.raises(ValueError):
+        SamplingParams(speculative=True, logprobs=True).validate()

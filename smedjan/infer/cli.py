@@ -97,6 +97,26 @@ def check_sampling_args(args) -> None:
         raise UserError(flag + message.removeprefix(name)) from None
 
 
+def load_adapters(specs, cfg, dtype) -> dict:
+    """{name: (adapters, LoraConfig)} from `--lora name=FOLDER` values (PEFT adapter folders)."""
+    from smedjan.checkpoint import CheckpointError
+    from smedjan.model.lora import LoraError
+    from smedjan.peft import load_adapter
+
+    out = {}
+    for spec in specs or []:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise UserError(f"--lora takes NAME=ADAPTER_FOLDER, got {spec!r}")
+        if name in out:
+            raise UserError(f"--lora: the name {name!r} is given twice")
+        try:
+            out[name] = load_adapter(folder, cfg, dtype)
+        except (CheckpointError, LoraError, FileNotFoundError, OSError) as e:
+            raise UserError(f"--lora {name}: {e}") from None
+    return out
+
+
 def add_speculation_args(p):
     g = p.add_argument_group("speculative decoding")
     g.add_argument("--draft", metavar="MODEL", help="a smaller draft model sharing the tokenizer (folder or hub id)")
@@ -153,6 +173,9 @@ def _cmd_generate(args):
     if room < 1:
         raise UserError(f"the prompt has {len(ids)} tokens; the model's context is {cfg.max_position_embeddings}")
     speculation, draft = speculation_from_args(args)
+    lora = None
+    if args.lora:
+        lora = load_adapters([f"adapter={args.lora}"], cfg, default_dtype(args.dtype))["adapter"]
     stats = {}
     try:
         out = generate(
@@ -172,6 +195,7 @@ def _cmd_generate(args):
             speculation=speculation,
             draft=draft,
             stats=stats,
+            lora=lora,
         )[0]
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -204,6 +228,7 @@ def register(subparsers):
         "--no-bos", action="store_true", help="encode the prompt without the tokenizer's special tokens (no BOS)"
     )
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--lora", metavar="FOLDER", help="apply a LoRA adapter (PEFT folder) without merging it")
     add_sampling_args(p)
     add_speculation_args(p)
     p.set_defaults(func=_cmd_generate)

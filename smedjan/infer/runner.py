@@ -26,10 +26,11 @@ import numpy as np
 from smedjan.backend import Backend, settings
 from smedjan.config import ModelConfig
 from smedjan.infer.sampling import SAMP_DTYPES, SamplingParams, samp_arrays, sample, sampling_mode
-from smedjan.infer.speculative import Speculation, speculative_generate
+from smedjan.infer.speculative import Speculation, lookup_round, speculative_generate
 from smedjan.infer.stream import decode_text
+from smedjan.model import lora
 from smedjan.model.cache import init_cache
-from smedjan.model.transformer import forward, prepare
+from smedjan.model.transformer import forward, param_shapes, prepare, serves_adapters
 
 MIN_BUCKET = 16
 
@@ -48,6 +49,8 @@ def init_state(cfg: ModelConfig, batch: int, max_len: int, dtype) -> dict:
         "pos": jnp.zeros((batch,), jnp.int32),
         "counts": jnp.zeros((batch, cfg.vocab_size), jnp.int32),
         "prompt_mask": jnp.zeros((batch, cfg.vocab_size), jnp.bool_),
+        "buf": jnp.zeros((batch, max_len), jnp.int32),  # each row's tokens (prompt lookup reads them)
+        "adapter": jnp.zeros((batch,), jnp.int32),  # each row's LoRA adapter (0: the base)
         "samp": {
             k: jnp.asarray(np.full((batch,), 1.0 if k in ("top_p", "repetition_penalty") else 0, dt))
             for k, dt in SAMP_DTYPES.items()
@@ -55,7 +58,7 @@ def init_state(cfg: ModelConfig, batch: int, max_len: int, dtype) -> dict:
     }
 
 
-def decode_logits(w, cfg: ModelConfig, backend: Backend, cache, tokens, pos, active, kv_len: int):
+def decode_logits(w, cfg: ModelConfig, backend: Backend, cache, tokens, pos, active, kv_len: int, adapters=None):
     """One token per slot through the model: tokens/pos/active [B] -> (fp32 logits [B, V], cache)."""
     logits, cache = forward(
         w,
@@ -66,12 +69,15 @@ def decode_logits(w, cfg: ModelConfig, backend: Backend, cache, tokens, pos, act
         cache=cache,
         kv_len=kv_len,
         rope_len=jnp.max(jnp.where(active, pos, 0)) + 1,
+        adapter_ids=adapters if serves_adapters(w) else None,
     )
     return logits[:, 0].astype(jnp.float32), cache
 
 
 def _step_core(w, state, active, cfg, backend, kv_len, top_n, sampling):
-    logits, cache = decode_logits(w, cfg, backend, state["cache"], state["tok"], state["pos"], active, kv_len)
+    logits, cache = decode_logits(
+        w, cfg, backend, state["cache"], state["tok"], state["pos"], active, kv_len, state["adapter"]
+    )
     out = sample(logits, state["samp"], state["counts"], state["prompt_mask"], state["pos"], top_n, sampling)
     b = logits.shape[0]
     tok = jnp.where(active, out["tok"], state["tok"])
@@ -101,7 +107,7 @@ def decode_steps(w, state, active, cfg: ModelConfig, backend: Backend, kv_len: i
 
 
 @partial(jax.jit, static_argnames=("cfg", "backend", "top_n"), donate_argnames=("state",))
-def prefill_step(w, state, tokens, lens, slots, samp, cfg: ModelConfig, backend: Backend, top_n: int = 0):
+def prefill_step(w, state, tokens, lens, slots, samp, adapters, cfg: ModelConfig, backend: Backend, top_n: int = 0):
     """Prefill prompts [N, S] (right-padded, lengths `lens`) into cache rows `slots` and sample each
     one's first token with its `samp` row. Attention runs over each prompt itself, not the cache."""
     n, s = tokens.shape
@@ -118,6 +124,7 @@ def prefill_step(w, state, tokens, lens, slots, samp, cfg: ModelConfig, backend:
         attend_cache=False,
         rope_len=jnp.max(lens),
         logits_at=lens - 1,
+        adapter_ids=adapters if serves_adapters(w) else None,
     )
     logits = logits.astype(jnp.float32)
     valid = jnp.arange(s)[None] < lens[:, None]
@@ -132,6 +139,8 @@ def prefill_step(w, state, tokens, lens, slots, samp, cfg: ModelConfig, backend:
         pos=state["pos"].at[slots].set(lens),
         counts=state["counts"].at[slots].set(counts),
         prompt_mask=state["prompt_mask"].at[slots].set(pm),
+        buf=state["buf"].at[slots[:, None], positions].set(tokens, mode="drop"),
+        adapter=state["adapter"].at[slots].set(adapters),
         samp={k: state["samp"][k].at[slots].set(samp[k]) for k in state["samp"]},
     )
     return new, out
@@ -224,6 +233,7 @@ class Runner:
         cache_dtype=None,
         min_kv_bucket: int = MIN_BUCKET,
         backend: Backend | None = None,
+        adapters: list | None = None,
     ):
         self.cfg = cfg
         self.backend = backend or settings()
@@ -231,6 +241,8 @@ class Runner:
             fuse = self.backend.fuse_projections or attn_impl == "pallas_fused"
             self.backend = self.backend.replace(decode_impl=attn_impl, fuse_projections=fuse)
         self.min_kv_bucket = min_kv_bucket
+        if adapters:  # [(adapters, LoraConfig), ...]: served side by side, row adapter i + 1 (0: the base)
+            params = {**params, **lora.stack(adapters, param_shapes(cfg))}
         self.w = prepare(params, cfg, self.backend, dtype)
         self.dtype = self.w["embed"].dtype
         self.cache_dtype = jnp.dtype(cache_dtype or self.dtype)
@@ -254,6 +266,7 @@ class Runner:
         samp_rows: list[dict],
         top_n: int = 0,
         bucket: int | None = None,
+        adapters: list[int] | None = None,
     ) -> dict:
         n = len(prompts)
         lens = [len(p) for p in prompts]
@@ -270,6 +283,7 @@ class Runner:
             np.asarray(lens, np.int32),
             np.asarray(slots, np.int32),
             samp_arrays(samp_rows),
+            np.asarray(adapters or [0] * n, np.int32),
             cfg=self.cfg,
             backend=self.backend,
             top_n=top_n,
@@ -295,6 +309,25 @@ class Runner:
             n_steps=n_steps,
         )
         self.pos[active] += n_steps
+        return out
+
+    def lookup_step(self, active: np.ndarray, spec_rows: np.ndarray, spec: Speculation, sampled: bool) -> dict:
+        """One prompt-lookup speculative round (`speculative.lookup_round`). Returns host arrays: row b emitted
+        toks[b, :n[b] + 1]."""
+        kv_len = self.kv_len_for(active, spec.k + 1)
+        self.state, out = lookup_round(
+            self.w,
+            self.state,
+            jnp.asarray(active),
+            jnp.asarray(spec_rows),
+            cfg=self.cfg,
+            backend=self.backend,
+            spec=spec,
+            kv_len=kv_len,
+            sampled=sampled,
+        )
+        out = jax.device_get(out)
+        self.pos[active] += out["n"][active] + 1
         return out
 
     def loop(self, first: dict, active, stop_ids, n_steps: int, kv_len: int, top_n: int = 0, sampling=None):
@@ -350,6 +383,7 @@ def generate(
     speculation: Speculation | None = None,
     draft=None,
     stats: dict | None = None,
+    lora=None,
 ):
     """Generate for a batch of prompts; returns the new tokens of each (stop token excluded).
 
@@ -362,6 +396,7 @@ def generate(
     speculation: speculative decoding (`infer.speculative.Speculation`: prompt lookup, or a draft
     model given as `draft=(draft_params, draft_cfg)`); same output distribution, greedy tokens equal.
     `stats`, a dict, receives the rounds, proposed and accepted tokens and the acceptance rate.
+    lora: (adapters, LoraConfig) applied to every row without merging it into the weights.
     """
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
@@ -386,7 +421,9 @@ def generate(
     t = max_seq_len or next_bucket(longest + max_new_tokens + room, minimum=64)
     if longest >= t:
         raise ValueError(f"prompt of {longest} tokens does not fit max_seq_len {t}")
-    runner = Runner(params, cfg, b, t, dtype=dtype, attn_impl=attn_impl, backend=backend)
+    runner = Runner(
+        params, cfg, b, t, dtype=dtype, attn_impl=attn_impl, backend=backend, adapters=[lora] if lora else None
+    )
     rows = [sp.row(seed + i) for i in range(b)]
     prompts = [list(p) for p in prompt_ids]
     stops = sorted(set(eos_list(eos_id) + list(stop_token_ids or [])))
@@ -405,7 +442,7 @@ def generate(
         lps = np.zeros((b, max_new_tokens), np.float32)
         toks = np.asarray([r + [-1] * (max_new_tokens - len(r)) for r in toks], np.int64).reshape(b, -1)
     else:
-        first = runner.prefill(list(range(b)), prompts, rows)
+        first = runner.prefill(list(range(b)), prompts, rows, adapters=[1 if lora else 0] * b)
         toks, lps, _, _ = runner.loop(
             first, np.ones(b, bool), stops or [-1], max_new_tokens - 1, kv_len, sampling=sampling_mode(rows)
         )

@@ -32,6 +32,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
+    speculative: bool = False  # serving: prompt-lookup speculation for this request (greedy output unchanged)
 
     def validate(self) -> SamplingParams:
         """Raise ValueError(param_name, message) for out-of-range values."""
@@ -59,7 +60,13 @@ class SamplingParams:
             bad("seed", f"seed must be an integer, got {self.seed!r}")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             bad("top_logprobs", f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.speculative and (self.penalized or self.logprobs or self.top_logprobs):
+            bad("speculative", "speculative decoding does not combine with penalties or logprobs")
         return self
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def row(self, seed: int) -> dict:
         return {

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from smedjan.infer.sampling import uniform
-from smedjan.model.transformer import forward
+from smedjan.model.transformer import forward, serves_adapters
 
 METHODS = ("draft", "ngram")
 
@@ -166,13 +166,69 @@ def _draft_proposals(dw, dcfg, backend, dcache, tok, pos, samp, k, kv_len, sampl
     return dcache, drafts[:k].T, jnp.swapaxes(qs[:k], 0, 1)
 
 
+def verify(w, cfg, backend, cache, tok, pos, drafts, q, valid, samp, sampled: bool, kv_len: int, adapters=None):
+    """The target's step of a round: [tok, d1..dk] at pos.. through the model over its cache, then the
+    acceptance rule. Returns (cache, n accepted [B], next token [B], emitted [B, k+1]: drafts[:n], next,
+    then filler)."""
+    b, k = drafts.shape
+    block = jnp.concatenate([tok[:, None], drafts], axis=1)
+    positions = pos[:, None] + jnp.arange(k + 1)[None]
+    logits, cache = forward(
+        w,
+        block,
+        cfg,
+        backend=backend,
+        positions=positions,
+        cache=cache,
+        kv_len=kv_len,
+        adapter_ids=adapters if serves_adapters(w) else None,
+    )
+    p = target_probs(logits.astype(jnp.float32), samp, sampled)
+    n, nxt = accept(p, q, drafts, valid, samp["seed"], pos)
+    emitted = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
+    emitted = jnp.where(jnp.arange(k + 1)[None] == n[:, None], nxt[:, None], emitted)
+    return cache, n, nxt, emitted
+
+
+@partial(jax.jit, static_argnames=("cfg", "backend", "spec", "kv_len", "sampled"), donate_argnames=("state",))
+def lookup_round(w, state, active, spec_rows, cfg, backend, spec: Speculation, kv_len: int, sampled: bool):
+    """One prompt-lookup round over a `Runner` state (the serving engine's step when a request asked for
+    speculation): rows in `spec_rows` get proposals, the other active rows decode one token as usual
+    (same distribution, through the round's block). Returns (state, {"toks" [B, k+1], "n" [B]}): row b
+    emitted toks[b, :n[b] + 1]. Needs rows without penalties (their counts are only kept, not applied)."""
+    b, k = state["tok"].shape[0], spec.k
+    rows = jnp.arange(b)[:, None]
+    tok, pos = state["tok"], state["pos"]
+    buf = state["buf"].at[jnp.arange(b), pos].set(tok, mode="drop")
+    drafts, valid = lookup(buf, pos + 1, k, spec.ngram)
+    valid &= spec_rows[:, None]
+    q = jax.nn.one_hot(drafts, cfg.vocab_size, dtype=jnp.float32)
+    cache, n, nxt, emitted = verify(
+        w, cfg, backend, state["cache"], tok, pos, drafts, q, valid, state["samp"], sampled, kv_len, state["adapter"]
+    )
+    n = jnp.where(active, n, 0)
+    keep = (jnp.arange(k + 1)[None] <= n[:, None]) & active[:, None]
+    buf = buf.at[rows, jnp.where(keep, pos[:, None] + 1 + jnp.arange(k + 1)[None], buf.shape[1])].set(
+        emitted, mode="drop"
+    )
+    new = dict(
+        state,
+        cache=cache,
+        buf=buf,
+        tok=jnp.where(active, nxt, tok),
+        pos=jnp.where(active, pos + n + 1, pos),
+        counts=state["counts"].at[rows, emitted].add(keep.astype(jnp.int32)),
+    )
+    return new, {"toks": emitted, "n": n, "proposed": jnp.sum(valid & active[:, None], axis=1)}
+
+
 @partial(
     jax.jit,
     static_argnames=("cfg", "dcfg", "backend", "spec", "kv_len", "max_new", "sampled"),
     donate_argnames=("cache", "dcache"),
 )
 def speculative_loop(
-    w, cache, dw, dcache, tok, pos, buf, samp, stop_ids, *, cfg, dcfg, backend, spec, kv_len, max_new, sampled
+    w, cache, dw, dcache, tok, pos, buf, samp, stop_ids, adapters, *, cfg, dcfg, backend, spec, kv_len, max_new, sampled
 ):
     """Rounds until every row has `max_new` tokens or a stop token; all on the device.
 
@@ -196,14 +252,10 @@ def speculative_loop(
         else:
             drafts, valid = lookup(buf, pos + 1, k, spec.ngram)
             q = jax.nn.one_hot(drafts, cfg.vocab_size, dtype=jnp.float32)
-        block = jnp.concatenate([tok[:, None], drafts], axis=1)
-        positions = pos[:, None] + jnp.arange(k + 1)[None]
-        logits, new_cache = forward(w, block, cfg, backend=backend, positions=positions, cache=cache, kv_len=kv_len)
-        p = target_probs(logits.astype(jnp.float32), samp, sampled)
-        n, nxt = accept(p, q, drafts, valid, samp["seed"], pos)
+        new_cache, n, nxt, emitted = verify(
+            w, cfg, backend, cache, tok, pos, drafts, q, valid, samp, sampled, kv_len, adapters
+        )
         live = ~done
-        emitted = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
-        emitted = jnp.where(jnp.arange(k + 1)[None] == n[:, None], nxt[:, None], emitted)
         keep = (jnp.arange(k + 1)[None] <= n[:, None]) & live[:, None]
         # a stop token ends the row: nothing after it
         is_stop = jnp.isin(emitted, stop_ids) & keep
@@ -244,7 +296,8 @@ def speculative_generate(runner, draft, prompts, rows, spec: Speculation, max_ne
     the speculative loop. Returns (tokens per row as lists, stats dict)."""
     check_supported(rows)
     b = len(prompts)
-    first = runner.prefill(list(range(b)), prompts, rows)
+    adapter = [1 if serves_adapters(runner.w) else 0] * b  # generate's one adapter, if any, on every row
+    first = runner.prefill(list(range(b)), prompts, rows, adapters=adapter)
     dw = dcache = None
     dcfg = runner.cfg
     if spec.method == "draft":
@@ -271,6 +324,7 @@ def speculative_generate(runner, draft, prompts, rows, spec: Speculation, max_ne
         jnp.asarray(buf),
         runner.state["samp"],
         jnp.asarray(stops or [-1], jnp.int32),
+        runner.state["adapter"],
         cfg=runner.cfg,
         dcfg=dcfg,
         backend=runner.backend,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LAYER_PREFIX = "model.layers."
 MODULES = {
@@ -111,11 +112,38 @@ def attach(params: dict, adapters: dict, lcfg: LoraConfig, key=None) -> dict:
     return out
 
 
+ROWS = "lora.rows"  # serving several adapters at once: each batch row's adapter index (see `stack`)
+
+
+def stack(adapters: list[tuple[dict, LoraConfig]], base_shapes: dict) -> dict:
+    """Several adapters as one pytree the model serves in one batch: per target projection A [L, N+1, r, in]
+    and B [L, N+1, out, r] (B pre-scaled), index 0 the base (zeros), index i the i-th adapter; ranks padded
+    to the largest with zeros (exact). A forward given each row's index (`ROWS`) adds that row's update."""
+    targets = sorted({t for _, lcfg in adapters for t in lcfg.targets}, key=ALL_TARGETS.index)
+    rank = max(lcfg.rank for _, lcfg in adapters)
+    out = {}
+    for t in targets:
+        base = f"{LAYER_PREFIX}{module_name(t)}"
+        n, o, i = base_shapes[f"{base}.weight"]
+        a = np.zeros((n, len(adapters) + 1, rank, i), np.float32)
+        b = np.zeros((n, len(adapters) + 1, o, rank), np.float32)
+        for j, (ad, lcfg) in enumerate(adapters, start=1):
+            if t in lcfg.targets:
+                a[:, j, : lcfg.rank] = np.asarray(ad[f"{base}.lora_A.weight"], np.float32)
+                b[:, j, :, : lcfg.rank] = np.asarray(ad[f"{base}.lora_B.weight"], np.float32) * lcfg.scale
+        out[f"{base}.lora_A.weight"], out[f"{base}.lora_B.weight"] = jnp.asarray(a), jnp.asarray(b)
+    return out
+
+
 def delta(x, p: dict, name: str):
     """s·(drop(x)·Aᵀ)·Bᵀ for projection `name` ("self_attn.q_proj") of one layer's params, or None."""
     a = p.get(f"{name}.lora_A.weight")
     if a is None:
         return None
+    if ROWS in p:  # stacked adapters: row b uses adapter p[ROWS][b] (0: the base, a zero update)
+        rows = p[ROWS]
+        h = jnp.einsum("b...i,bri->b...r", x, a[rows].astype(x.dtype))
+        return jnp.einsum("b...r,bor->b...o", h, p[f"{name}.lora_B.weight"][rows].astype(x.dtype))
     if KEY in p:
         key = jax.random.fold_in(jax.random.wrap_key_data(p[KEY]), ALL_TARGETS.index(name.split(".")[-1]))
         keep = p[KEEP].astype(jnp.float32)

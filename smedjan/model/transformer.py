@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from smedjan.backend import Backend, settings
 from smedjan.config import ModelConfig
+from smedjan.model import lora
 from smedjan.model.attention import attention_block
 from smedjan.model.cache import Pass
 from smedjan.model.layers import linear, rms_norm
@@ -157,6 +158,11 @@ def is_prepared(w) -> bool:
     return isinstance(w, dict) and "layers" in w and "embed" in w
 
 
+def serves_adapters(w) -> bool:
+    """Does the inference layout hold stacked LoRA adapters (a forward then needs each row's `adapter_ids`)?"""
+    return is_prepared(w) and any(".lora_A." in k for k in w["layers"][0])
+
+
 def param_bytes(w) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(w))
 
@@ -203,6 +209,7 @@ def forward(
     kv_len: int | None = None,
     rope_len=None,
     logits_at=None,
+    adapter_ids=None,
     attn_impl: str | None = None,
     remat: str = "none",
     compute_dtype=None,
@@ -221,6 +228,7 @@ def forward(
         attends over itself only (a prefill into empty rows); kv_len: static cap on the slots read.
     rope_len: the sequence length dynamic-NTK RoPE scales for (default: max position + 1).
     logits_at: [B] index of one token per row: only its logits (or hidden state) are returned, [B, V].
+    adapter_ids: [B] each row's adapter when the params hold several stacked (`lora.stack`; 0: the base).
     compute_dtype: cast weights and activations to this dtype (e.g. bf16 over fp32 master weights).
     scan_unroll: `lax.scan`'s unroll of the layer loop (True: fully unrolled, one copy per layer).
     """
@@ -247,11 +255,13 @@ def forward(
         cos, sin = jax.lax.optimization_barrier((cos.astype(dtype), sin.astype(dtype)))
     ctx = Ctx(backend, cos, sin, positions, segment_ids, step)
 
-    if cache is not None or isinstance(layers, (list, tuple)):
+    if cache is not None or isinstance(layers, (list, tuple)) or adapter_ids is not None:
         # One python-level layer after another: each layer's cache is its own buffer, updated in place.
         per_layer = layers if isinstance(layers, (list, tuple)) else _unstack(layers, cfg.num_hidden_layers)
         new_cache = []
         for i, p in enumerate(per_layer):
+            if adapter_ids is not None:
+                p = dict(p, **{lora.ROWS: adapter_ids})
             x, c = decoder_layer(x, p, cfg, ctx, None if cache is None else cache[i])
             new_cache.append(c)
         new_cache = tuple(new_cache)

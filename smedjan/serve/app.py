@@ -146,15 +146,17 @@ def create_app(
             "max_model_len": engine.max_seq_len,
         }
 
+    served = [model_name, *engine.adapter_names]  # the base, then its LoRA adapters (`serve --lora`)
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [_model_card()]}
+        return {"object": "list", "data": [dict(_model_card(), id=m) for m in served]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
-        if model_id != model_name:
+        if model_id not in served:
             raise APIError(404, f"The model '{model_id}' does not exist", "model", "model_not_found")
-        return _model_card()
+        return dict(_model_card(), id=model_id)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -179,10 +181,10 @@ def create_app(
 
     def _encode(req: GenRequest) -> list[list[int]]:
         """Token ids per prompt; blocking work (templating, tokenising): call it in a thread."""
-        if req.model != model_name:
+        if req.model not in served:
             raise APIError(
                 400,
-                f"The model '{req.model}' does not exist; this server serves '{model_name}'",
+                f"The model '{req.model}' does not exist; this server serves {', '.join(map(repr, served))}",
                 "model",
                 "model_not_found",
             )
@@ -224,7 +226,8 @@ def create_app(
                             "seed": None if params.seed is None else params.seed + j,
                         }
                     )
-                    submitted.append(engine.submit(ids, params, sink=sink_for(index)))
+                    adapter = None if req.model == model_name else req.model
+                    submitted.append(engine.submit(ids, params, sink=sink_for(index), adapter=adapter))
         except QueueFull as e:
             for r in submitted:
                 r.cancel()

@@ -27,6 +27,7 @@ def _load(args):
 
 
 def _engine(args, cfg, params, tok, max_seq_len, stops, max_batch):
+    from smedjan.infer.cli import default_dtype, load_adapters
     from smedjan.serve.engine import Engine
 
     return Engine(
@@ -39,6 +40,7 @@ def _engine(args, cfg, params, tok, max_seq_len, stops, max_batch):
         attn_impl=args.attn_impl,
         stop_token_ids=stops,
         decode_chunk=args.decode_chunk,
+        adapters=load_adapters(getattr(args, "lora", None), cfg, default_dtype(args.dtype)),
     )
 
 
@@ -266,6 +268,13 @@ def register(subparsers):
         default=None,
         help="model id clients use (default: a hub id as given; config.json's _name_or_path; the folder's "
         "name, or the run's name for RUN/hf)",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME=FOLDER",
+        help="serve a LoRA adapter (PEFT folder) beside the base, unmerged; requests pick it by model=NAME "
+        "and share the batch with the base and other adapters (repeatable)",
     )
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--log-level", default="warning")

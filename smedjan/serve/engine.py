@@ -38,6 +38,7 @@ import numpy as np
 from smedjan.config import ModelConfig
 from smedjan.infer.runner import MIN_BUCKET, Runner
 from smedjan.infer.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from smedjan.infer.speculative import Speculation
 from smedjan.infer.stream import TextStream
 
 log = logging.getLogger("smedjan.serve")
@@ -85,6 +86,7 @@ class Request:
         self.slot: int | None = None
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
+        self.adapter = 0  # index into the engine's LoRA adapters (0: the base)
 
     def cancel(self):
         """Stop generating (e.g. the client disconnected); the slot is freed at the next step."""
@@ -129,6 +131,8 @@ class Engine:
         min_kv_bucket: int = MIN_BUCKET,
         cache_dtype=None,
         decode_chunk: int = 8,
+        speculation: Speculation | None = None,
+        adapters: dict | None = None,
     ):
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -138,6 +142,9 @@ class Engine:
         self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
         self.max_prefills_per_step = max_prefills_per_step
         self.decode_chunk = max(1, int(decode_chunk))
+        # prompt lookup for requests that ask for it (SamplingParams.speculative); k tokens proposed per step
+        self.speculation = (speculation or Speculation("ngram")).validate()
+        self.spec_proposed = self.spec_accepted = 0
         self.runner = Runner(
             params,
             cfg,
@@ -147,7 +154,10 @@ class Engine:
             attn_impl=attn_impl,
             cache_dtype=cache_dtype,
             min_kv_bucket=min_kv_bucket,
+            adapters=list((adapters or {}).values()),
         )
+        # LoRA adapters served beside the base in the same batch: a request names one (`submit`'s adapter)
+        self.adapter_names = list(adapters or {})
         self.slots: list[Request | None] = [None] * max_batch
         self._pending: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
@@ -204,12 +214,18 @@ class Engine:
                 f"max_tokens.",
             )
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams | None = None, sink=None) -> Request:
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams | None = None, sink=None, adapter: str | None = None
+    ) -> Request:
+        """Queue a request; `adapter`: the name of one of the engine's LoRA adapters (None: the base)."""
         params = (params or SamplingParams()).validate()
+        if adapter is not None and adapter not in self.adapter_names:
+            raise ValueError("model", f"no adapter named {adapter!r}; served: {self.adapter_names}")
         self.check_prompt(len(prompt_ids), None)
         if any(not 0 <= int(t) < self.cfg.vocab_size for t in prompt_ids):
             raise ValueError("prompt", f"token ids must be in [0, {self.cfg.vocab_size})")
         req = Request(prompt_ids, params, sink)
+        req.adapter = 0 if adapter is None else 1 + self.adapter_names.index(adapter)
         req.max_new = min(params.max_new_tokens, self.max_seq_len - len(prompt_ids))
         if self.tokenizer is not None:
             req.stream = TextStream(self.tokenizer, params.stop, prompt_tail=req.prompt_ids[-6:])
@@ -222,8 +238,8 @@ class Engine:
             self._cv.notify_all()
         return req
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> list[int]:
-        return self.submit(prompt_ids, params).result()[0]
+    def generate(self, prompt_ids: list[int], params: SamplingParams | None = None, adapter=None) -> list[int]:
+        return self.submit(prompt_ids, params, adapter=adapter).result()[0]
 
     # ---- the scheduler thread ------------------------------------------------------------
     def _loop(self):
@@ -269,7 +285,7 @@ class Engine:
         top_n = MAX_TOP_LOGPROBS if r.params.top_logprobs else 0
         self.slots[slot] = r
         r.slot = slot
-        out = self.runner.prefill([slot], [r.prompt_ids], [r.params.row(seed)], top_n=top_n)
+        out = self.runner.prefill([slot], [r.prompt_ids], [r.params.row(seed)], top_n=top_n, adapters=[r.adapter])
         out = jax.device_get(out)
         self._on_token(slot, 0, out)
 
@@ -299,8 +315,37 @@ class Engine:
             k *= 2
         return k
 
+    def _speculating(self, active: np.ndarray) -> np.ndarray | None:
+        """The rows of a prompt-lookup round, when one runs: some request asked for it and no running request
+        needs what a round does not give (penalties applied, logprobs)."""
+        running = [r for r in self.slots if r is not None]
+        if not any(r.params.speculative for r in running):
+            return None
+        if any(r.params.penalized or r.params.logprobs or r.params.top_logprobs for r in running):
+            return None
+        return np.array([r is not None and r.params.speculative for r in self.slots])
+
+    def _decode_speculative(self, active: np.ndarray, spec_rows: np.ndarray):
+        sampled = any(r is not None and r.params.temperature > 0 for r in self.slots)
+        out = self.runner.lookup_step(active, spec_rows, self.speculation, sampled)
+        self.steps += 1
+        self.spec_proposed += int(out["proposed"].sum())
+        self.spec_accepted += int(out["n"][spec_rows].sum())
+        for i in np.nonzero(active)[0]:
+            r = self.slots[i]
+            for j in range(int(out["n"][i]) + 1):
+                if self.slots[i] is not r:  # finished inside the round: the rest is dropped
+                    break
+                try:
+                    self._on_token(int(i), 0, {"tok": out["toks"][i, j : j + 1]})
+                except Exception as e:
+                    self._fail_row(r, e)
+
     def _decode(self):
         active = np.array([r is not None for r in self.slots])
+        spec_rows = self._speculating(active)
+        if spec_rows is not None:
+            return self._decode_speculative(active, spec_rows)
         k = self._chunk(active)
         out = jax.device_get(self.runner.step(active, top_n=self._top_n(), n_steps=k))
         self.steps += k

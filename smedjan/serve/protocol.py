@@ -234,6 +234,7 @@ def _common(body, chat: bool) -> tuple[dict, GenRequest]:
         stop=_stop(body),
         stop_token_ids=_int_list(body, "stop_token_ids", MAX_STOP_TOKEN_IDS),
         ignore_eos=_bool(body, "ignore_eos"),
+        speculative=_bool(body, "speculative"),  # extension: prompt-lookup speculative decoding
     )
     req = GenRequest(
         model=model,
