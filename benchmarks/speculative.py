@@ -11,8 +11,11 @@ Three cases on a random-init target (default the 1b preset, bf16):
 * an independent random draft (the 125m preset): whatever it agrees on by chance (the output shows
   its acceptance rate), i.e. the overhead of a poorly matched draft.
 
-Every case checks that the tokens equal plain greedy decoding. No trained draft/target pair exists
-on the benchmark machine, which is why the agreement is constructed (and said so in the output).
+Each case reports how many tokens equal plain greedy decoding before the first difference: the
+verify step runs k + 1 tokens as one block (a GEMM and a multi-query attention) where plain decoding
+runs one, so in bf16 a random model's near-tied logits can flip (the fp32 tests assert equality).
+No trained draft/target pair exists on the benchmark machine, which is why the agreement is
+constructed (and said so in the output).
 
     PYTHONPATH=. python3 benchmarks/speculative.py --preset 1b --new-tokens 256 --json $OUT/spec.json
 """
@@ -68,10 +71,14 @@ def main(argv=None):
     def run(w, spec=None, draft=None, stats=None):
         return generate(w, cfg, [prompt], max_new_tokens=n, speculation=spec, draft=draft, stats=stats)[0]
 
-    def case(name, w, spec=None, draft=None, note=""):
+    def case(name, w, spec=None, draft=None, note="", plain=None):
         stats = {}
         t, toks = timed(lambda: run(w, spec, draft, stats), args.repeats)
         r = {"tokens_per_s": len(toks) / t, "tokens": len(toks), "note": note, **stats}
+        if plain is not None:  # tokens equal to plain greedy decoding before the first difference
+            same = next((i for i, (a, b) in enumerate(zip(toks, plain)) if a != b), min(len(toks), len(plain)))
+            r["same_as_plain"] = same
+            r["note"] = note = note + f" (= plain for {same}/{len(plain)} tokens)"
         report["cases"][name] = r
         print(
             f"{name:>22}: {r['tokens_per_s']:8.1f} tok/s  acceptance {100 * stats.get('acceptance_rate', 0):5.1f}%"
@@ -95,25 +102,24 @@ def main(argv=None):
     del params, ident
 
     plain = case("plain", w)
-    got = case("prompt lookup", w, Speculation("ngram", k=args.k), note="random target's own loops")
-    assert got == plain, "prompt lookup changed greedy tokens"
+    case("prompt lookup", w, Speculation("ngram", k=args.k), note="random target's own loops", plain=plain)
     plain_ident = case("plain (identity tail)", w_ident)
-    got = case(
+    case(
         "draft (agrees)",
         w_ident,
         Speculation("draft", k=args.k),
         (prepare(draft_self, dcfg_self, backend, dtype), dcfg_self),
         note=f"draft = first {dl} layers; agreement by construction",
+        plain=plain_ident,
     )
-    assert got == plain_ident, "draft speculation changed greedy tokens"
-    got = case(
+    case(
         "draft (random 125m)",
         w,
         Speculation("draft", k=args.k),
         (prepare(draft_rand, dcfg_rand, backend, dtype), dcfg_rand),
         note="an independent random draft",
+        plain=plain,
     )
-    assert got == plain, "random-draft speculation changed greedy tokens"
     c = report["cases"]
     report["speedup"] = {
         "prompt_lookup": c["prompt lookup"]["tokens_per_s"] / c["plain"]["tokens_per_s"],
