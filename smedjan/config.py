@@ -69,6 +69,7 @@ _HARMLESS_KEYS = {
     "pretraining_tp",
     "partial_rotary_factor",
     "_attn_implementation_autoset",
+    "transformers.js_config",  # written by the ONNX export: which .onnx file transformers.js loads
 }
 
 

@@ -225,7 +225,7 @@ def export_onnx(model: str, out: str | os.PathLike) -> Path:
     (tmp / "onnx").mkdir(parents=True)
     onnx.save_model(proto, str(tmp / "onnx" / "model.onnx"))
     onnx.checker.check_model(str(tmp / "onnx" / "model.onnx"))
-    for fname in ("config.json", "generation_config.json", *TOKENIZER_FILES):
+    for fname in ("config.json", "generation_config.json", "smedjan_run.json", *TOKENIZER_FILES):
         if (folder / fname).is_file():
             shutil.copy2(folder / fname, tmp / fname)
     # transformers.js reads the cache layout and dtype from the config's transformers.js_config
