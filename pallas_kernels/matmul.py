@@ -15,6 +15,18 @@ wgmma on Hopper.  Programs are numbered in "grouped" order (``group_m`` rows
 of tiles at a time) so that concurrently running programs share A and B tiles
 in L2 instead of streaming the whole of B once per row of tiles.
 
+Any M, K, N: the Triton lowering only takes power-of-two tiles, so every block
+is a power of two (at least 16, the tensor-core minimum) and the operands are
+zero-padded up to whole blocks (exact along K; padded rows/columns are sliced
+off).  Blocks are picked to divide K and N where a power of two does, so a
+model's weights (multiples of 64 or 128) are never copied; only odd dims pay
+for a padded copy.
+
+Split-K: a skinny (decode) product has few output tiles - a [1, 2048] x
+[2048, 2048] GEMV is 32 tiles of 64 columns on a 132-SM GPU - so the K loop is
+split over ``splits`` programs per tile that write fp32 partial tiles, summed
+afterwards (a [splits, M, N] reduction that XLA fuses into what follows).
+
 On a non-GPU backend, unless ``interpret=True`` is passed, ``matmul`` and
 ``int8_matmul`` fall back to XLA (``jnp.dot`` with fp32 accumulation).
 """
@@ -28,12 +40,48 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._compat import block_spec, on_gpu, round_up, triton_params
+from pallas_kernels._compat import block_spec, next_pow2, resolve_interpret, round_up, triton_params
 
 f32 = jnp.float32
+MIN_BLOCK = 16  # tl.dot's smallest tile side
+TARGET_PROGRAMS = 264  # ~2 waves on an H100/H200 (132 SMs): what split-K aims for
 
 
-def _grouped_ids(pid, nm, nn, group_m):
+def use_xla(interpret) -> bool:
+    """Off GPU the compiled path cannot run: XLA computes the product unless interpret=True asks for the
+    kernel in interpret mode (tests). Goes through `resolve_interpret` so tests/triton_lowering.py can
+    force the compiled path."""
+    return resolve_interpret(interpret) and interpret is not True
+
+
+def int8_matmul_xla(x, w_int8, scales):
+    """XLA's form of `int8_matmul` (fp32 result): convert, dot, scale."""
+    acc = jnp.dot(x, w_int8.astype(x.dtype), preferred_element_type=f32)
+    return acc * scales.astype(f32)[None, :]
+
+
+def pick_block(dim: int, default: int) -> int:
+    """A power-of-two block for a dimension of size `dim`: the largest one <= `default` that divides
+    `dim` (no padding) if that is at least MIN_BLOCK, else `default` clamped to the padded dim."""
+    b = default
+    while b >= MIN_BLOCK:
+        if dim % b == 0:
+            return b
+        b //= 2
+    return min(default, max(MIN_BLOCK, next_pow2(dim)))
+
+
+def pick_splits(tiles: int, k_steps: int, splits: int | None) -> int:
+    """Split-K factor: a divisor of `k_steps`, the smallest that brings tiles x splits to TARGET_PROGRAMS."""
+    if splits is not None:
+        if k_steps % splits:
+            raise ValueError(f"splits={splits} must divide the {k_steps} K steps")
+        return splits
+    want = -(-TARGET_PROGRAMS // tiles)
+    return min([d for d in range(1, k_steps + 1) if k_steps % d == 0 and d >= want] or [k_steps])
+
+
+def grouped_ids(pid, nm, nn, group_m):
     """Map a linear program id to (tile_m, tile_n) in L2-friendly order.
 
     Uses lax.div/lax.rem (all operands non-negative): Python ``//``/``%`` on
@@ -47,22 +95,29 @@ def _grouped_ids(pid, nm, nn, group_m):
     return first_m + lax.rem(in_group, size_m), lax.div(in_group, size_m)
 
 
-def _mm_kernel(a_ref, b_ref, *rest, block_k, nk, has_scale):
+def pad2(a, rows: int, cols: int):
+    """Zero-pad a 2-D array up to [rows, cols] (no copy when it already is)."""
+    r, c = a.shape
+    return a if (r, c) == (rows, cols) else jnp.pad(a, ((0, rows - r), (0, cols - c)))
+
+
+def _mm_kernel(a_ref, b_ref, *rest, block_k, steps, has_scale):
     if has_scale:
         s_ref, o_ref = rest
     else:
         (o_ref,) = rest
     bm, bn = o_ref.shape
+    first = pl.program_id(1) * steps
 
     def body(kb, acc):
-        start = pl.multiple_of(kb * block_k, block_k)
+        start = pl.multiple_of((first + kb) * block_k, block_k)
         a = a_ref[:, pl.ds(start, block_k)]
         b = b_ref[pl.ds(start, block_k), :]
         if b.dtype != a.dtype:
             b = b.astype(a.dtype)  # int8 -> bf16, exact
         return acc + lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=f32)
 
-    acc = lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), f32))
+    acc = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), f32))
     if has_scale:
         acc = acc * s_ref[...][None, :]
     o_ref[...] = acc.astype(o_ref.dtype)
@@ -79,44 +134,47 @@ def _default_config(M, N, K, int8):
     return (128, 256, 64, 8, 3)
 
 
-def _pallas_matmul(a, b, scales, *, out_dtype, block_m, block_n, block_k, num_warps, num_stages, group_m, interpret):
+def _pallas_matmul(
+    a, b, scales, *, out_dtype, block_m, block_n, block_k, num_warps, num_stages, group_m, splits, interpret
+):
     M, K = a.shape
     _, N = b.shape
     dbm, dbn, dbk, dw, dst = _default_config(M, N, K, b.dtype == jnp.int8)
-    # Clamp blocks to the (padded) problem; 16 is the tensor-core minimum.
-    bm = min(block_m or dbm, max(16, round_up(M, 16)))
-    bn = min(block_n or dbn, max(16, round_up(N, 16)))
-    bk = min(block_k or dbk, max(16, round_up(K, 16)))
+    bm = min(block_m or dbm, max(MIN_BLOCK, next_pow2(M)))
+    bn, bk = pick_block(N, block_n or dbn), pick_block(K, block_k or dbk)
     Mp, Np, Kp = round_up(M, bm), round_up(N, bn), round_up(K, bk)
-    # Zero padding along K is exact; padded M rows / N columns are sliced off.
-    if (Mp, Kp) != (M, K):
-        a = jnp.pad(a, ((0, Mp - M), (0, Kp - K)))
-    if (Kp, Np) != (K, N):
-        b = jnp.pad(b, ((0, Kp - K), (0, Np - N)))
+    a, b = pad2(a, Mp, Kp), pad2(b, Kp, Np)
     nm, nn, nk = Mp // bm, Np // bn, Kp // bk
-    ids = lambda pid: _grouped_ids(pid, nm, nn, group_m)
-    in_specs = [block_spec((bm, Kp), lambda pid: (ids(pid)[0], 0)), block_spec((Kp, bn), lambda pid: (0, ids(pid)[1]))]
+    ks = pick_splits(nm * nn, nk, splits) if M <= 64 else (splits or 1)
+    ids = lambda pid, s: grouped_ids(pid, nm, nn, group_m)
+    in_specs = [
+        block_spec((bm, Kp), lambda pid, s: (ids(pid, s)[0], 0)),
+        block_spec((Kp, bn), lambda pid, s: (0, ids(pid, s)[1])),
+    ]
     args = [a, b]
     if scales is not None:
         s = scales.astype(f32)
         if Np != N:
             s = jnp.pad(s, (0, Np - N))
-        in_specs.append(block_spec((bn,), lambda pid: (ids(pid)[1],)))
+        in_specs.append(block_spec((bn,), lambda pid, s: (ids(pid, s)[1],)))
         args.append(s)
+    # Split-K programs write their fp32 partial tiles side by side: [Mp, ks * Np], summed below.
     out = pl.pallas_call(
-        functools.partial(_mm_kernel, block_k=bk, nk=nk, has_scale=scales is not None),
-        grid=(nm * nn,),
+        functools.partial(_mm_kernel, block_k=bk, steps=nk // ks, has_scale=scales is not None),
+        grid=(nm * nn, ks),
         in_specs=in_specs,
-        out_specs=block_spec((bm, bn), ids),
-        out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
+        out_specs=block_spec((bm, bn), lambda pid, s: (ids(pid, s)[0], s * nn + ids(pid, s)[1])),
+        out_shape=jax.ShapeDtypeStruct((Mp, ks * Np), out_dtype if ks == 1 else f32),
         compiler_params=triton_params(num_warps or dw, num_stages or dst),
         interpret=interpret,
         name="int8_matmul" if scales is not None else "matmul",
     )(*args)
-    return out[:M, :N] if (Mp, Np) != (M, N) else out
+    if ks > 1:
+        out = out.reshape(Mp, ks, Np).sum(axis=1).astype(out_dtype)
+    return out[:M, :N]
 
 
-_STATIC = ("block_m", "block_n", "block_k", "interpret", "out_dtype", "num_warps", "num_stages", "group_m")
+_STATIC = ("block_m", "block_n", "block_k", "interpret", "out_dtype", "num_warps", "num_stages", "group_m", "splits")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -132,12 +190,13 @@ def matmul(
     num_warps=None,
     num_stages=None,
     group_m=8,
+    splits=None,
 ):
     """a [M, K] @ b [K, N] with fp32 accumulation -> [M, N] in a's dtype."""
     out_dtype = jnp.dtype(out_dtype or a.dtype)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"bad shapes {a.shape} @ {b.shape}")
-    if not on_gpu() and not interpret:
+    if use_xla(interpret):
         return jnp.dot(a, b.astype(a.dtype), preferred_element_type=f32).astype(out_dtype)
     return _pallas_matmul(
         a,
@@ -150,7 +209,8 @@ def matmul(
         num_warps=num_warps,
         num_stages=num_stages,
         group_m=group_m,
-        interpret=not on_gpu(),
+        splits=splits,
+        interpret=resolve_interpret(interpret),
     )
 
 
@@ -168,6 +228,7 @@ def int8_matmul(
     num_warps=None,
     num_stages=None,
     group_m=8,
+    splits=None,
 ):
     """Weight-only int8: x [M, K] @ (w_int8 [K, N] * scales [N]) -> [M, N]."""
     out_dtype = jnp.dtype(out_dtype or x.dtype)
@@ -175,9 +236,8 @@ def int8_matmul(
         raise ValueError(f"w_int8 must be int8, got {w_int8.dtype}")
     if x.shape[1] != w_int8.shape[0] or scales.shape != (w_int8.shape[1],):
         raise ValueError(f"bad shapes {x.shape}, {w_int8.shape}, {scales.shape}")
-    if not on_gpu() and not interpret:
-        acc = jnp.dot(x, w_int8.astype(x.dtype), preferred_element_type=f32)
-        return (acc * scales.astype(f32)[None, :]).astype(out_dtype)
+    if use_xla(interpret):
+        return int8_matmul_xla(x, w_int8, scales).astype(out_dtype)
     return _pallas_matmul(
         x,
         w_int8,
@@ -189,5 +249,6 @@ def int8_matmul(
         num_warps=num_warps,
         num_stages=num_stages,
         group_m=group_m,
-        interpret=not on_gpu(),
+        splits=splits,
+        interpret=resolve_interpret(interpret),
     )

@@ -78,3 +78,14 @@ def matmul_reference(a, b):
 def int8_matmul_reference(x, w_int8, scales):
     w = w_int8.astype(f32) * scales.astype(f32)[None, :]
     return jnp.dot(x.astype(f32), w, precision=jax.lax.Precision.HIGHEST)
+
+
+def int4_matmul_reference(x, packed, scales, offsets, group_size):
+    """x @ w for `pallas_kernels.int4_matmul`'s packed layout, unpacked here independently: in each
+    group of `group_size` rows, byte row j holds row j (low nibble) and row j + group_size/2 (high)."""
+    K2, N = packed.shape
+    h = group_size // 2
+    p = packed.astype(jnp.int32).reshape(K2 // h, h, N)
+    q = jnp.concatenate([p % 16, p // 16], axis=1).astype(f32)  # [groups, group_size, N]
+    w = q * scales.astype(f32)[:, None, :] + offsets.astype(f32)[:, None, :]
+    return jnp.dot(x.astype(f32), w.reshape(2 * K2, N), precision=jax.lax.Precision.HIGHEST)

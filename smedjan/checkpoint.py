@@ -31,6 +31,7 @@ from safetensors.numpy import save_file
 from smedjan.config import ConfigError, ModelConfig
 from smedjan.errors import UserError
 from smedjan.model.transformer import LAYER_PREFIX, param_shapes
+from smedjan.quant.qweight import QuantizedWeight, is_quantized
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -72,6 +73,27 @@ def resolve_path(path_or_repo: str | os.PathLike, revision: str | None = None) -
         ) from None
 
 
+def read_quantization_config(folder: str | os.PathLike) -> dict | None:
+    """config.json's `quantization_config` (smedjan's own; `ModelConfig` refuses any other), or None."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+# Weight file names: "model" as transformers expects; a quantized folder's are "quantized", so that
+# transformers (which does not know smedjan's quant_method and would otherwise load the folder with
+# the quantized layers left at random init) finds no weights and refuses it.
+WEIGHT_STEMS = ("model", "quantized")
+# A quantized weight "<base>.weight" is stored as these tensors (QuantizedWeight's fields), per layer.
+QUANT_PARTS = ("qweight", "scales", "offsets", "in_scale")
+
+
+def _quant_names(name: str) -> dict[str, str]:
+    base = name[: -len("weight")]
+    return {part: base + part for part in QUANT_PARTS}
+
+
 def load_config(folder: str | os.PathLike) -> ModelConfig:
     cfg_path = Path(folder) / "config.json"
     if not cfg_path.is_file():
@@ -84,8 +106,8 @@ def load_config(folder: str | os.PathLike) -> ModelConfig:
 
 def _weight_files(folder: Path) -> dict[str, Path]:
     """HF tensor name -> file holding it."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
+    index = next((i for i in (folder / f"{stem}.safetensors.index.json" for stem in WEIGHT_STEMS) if i.is_file()), None)
+    if index is not None:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:  # JSON, UTF-8, not an object, no weight_map
@@ -154,17 +176,27 @@ def load_params(folder: str | os.PathLike, cfg: ModelConfig, dtype=None, shardin
 
     from_f64: list[str] = []  # tensors narrowed from float64 (one warning for all)
 
-    def tensor(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in files:
-            raise CheckpointError(f"{folder}: tensor {name!r} missing from the checkpoint")
+    def read(name: str):
+        """(the stored dtype's safetensors name, the array as stored)."""
         path = files[name]
         if path not in handles:
             handles[path] = _open(path).__enter__()
         try:
-            stored = handles[path].get_slice(name).get_dtype()
-            raw = handles[path].get_tensor(name)
+            return handles[path].get_slice(name).get_dtype(), handles[path].get_tensor(name)
         except SafetensorError as e:
             raise CheckpointError(f"{path}: tensor {name!r} unreadable: {e}") from None
+
+    def stored_names(name: str) -> list[str]:
+        """The file's names for `name`: one per layer for stacked tensors."""
+        if not name.startswith(LAYER_PREFIX):
+            return [name]
+        return [f"{LAYER_PREFIX}{i}.{name[len(LAYER_PREFIX) :]}" for i in range(cfg.num_hidden_layers)]
+
+    def tensor(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in files:
+            raise CheckpointError(f"{folder}: tensor {name!r} missing from the checkpoint")
+        path = files[name]
+        stored, raw = read(name)
         if stored not in _ST_FLOATS:
             raise CheckpointError(f"{path}: tensor {name!r} is stored as {stored}; parameters must be floats")
         if tuple(raw.shape) != tuple(shape):
@@ -180,13 +212,54 @@ def load_params(folder: str | os.PathLike, cfg: ModelConfig, dtype=None, shardin
         return arr
 
     expected = param_shapes(cfg)
+    quant = read_quantization_config(folder)
     used = set()
     params = {}
+
+    def quantized(name: str, shape: tuple[int, ...]) -> QuantizedWeight:
+        """Its parts stacked per layer as stored (their dtypes are the format's: never cast)."""
+        arrays = {}
+        for part, pname in _quant_names(name).items():
+            names = stored_names(pname)
+            if names[0] not in files:
+                if part in ("qweight", "scales"):
+                    raise CheckpointError(f"{folder}: tensor {names[0]!r} missing (quantized {name})")
+                continue
+            parts = []
+            for n in names:
+                kind, arr = read(n)
+                if kind not in (("I8", "U8") if part == "qweight" else _ST_FLOATS) or (
+                    part != "qweight" and not np.isfinite(arr).all()
+                ):
+                    raise CheckpointError(f"{files[n]}: quantized tensor {n!r} ({kind}) is not valid for its part")
+                parts.append(arr)
+            arrays[part] = jnp.asarray(np.stack(parts) if name.startswith(LAYER_PREFIX) else parts[0])
+            used.update(names)
+        q = arrays.pop("qweight")
+        bits = 8 if q.dtype == np.int8 else 4
+        w = QuantizedWeight(
+            q=q,
+            **arrays,
+            bits=bits,
+            group_size=int(quant.get("group_size", 0)) if bits == 4 else 0,
+            in_features=shape[-1],
+        )
+        k_rows = shape[-1] if bits == 8 else -(-shape[-1] // w.group_size) * w.group_size // 2
+        if q.shape[-2:] != (k_rows, shape[-2]):
+            raise CheckpointError(
+                f"{folder}: quantized {name!r} has shape {q.shape}, config expects {shape} ({bits}-bit)"
+            )
+        return w
+
     try:
         for name, shape in expected.items():
+            if name.endswith(".weight") and stored_names(_quant_names(name)["qweight"])[0] in files:
+                if quant is None:
+                    raise CheckpointError(f"{folder}: quantized tensors but no quantization_config in config.json")
+                params[name] = quantized(name, shape)
+                continue
             if name.startswith(LAYER_PREFIX):
-                rest = name[len(LAYER_PREFIX) :]
-                per_layer = [f"{LAYER_PREFIX}{i}.{rest}" for i in range(cfg.num_hidden_layers)]
+                per_layer = stored_names(name)
                 arr = np.stack([tensor(n, shape[1:]) for n in per_layer])
                 used.update(per_layer)
             else:
@@ -220,10 +293,18 @@ def load_hf(path_or_repo: str | os.PathLike, dtype=None, revision: str | None = 
 
 
 def hf_tensors(params: dict, dtype=jnp.bfloat16):
-    """Yield (HF name, numpy array) with per-layer tensors unstacked."""
-    np_dtype = _NP_DTYPES[jnp.dtype(dtype).name]
+    """Yield (HF name, numpy array) with per-layer tensors unstacked; a quantized weight as its parts
+    (`QUANT_PARTS`, in their own dtypes)."""
+    np_dtype = None if dtype is None else _NP_DTYPES[jnp.dtype(dtype).name]
     for name, value in params.items():
-        arr = np.asarray(jax.device_get(value)).astype(np_dtype)
+        if is_quantized(value):
+            parts = {"qweight": value.q, "scales": value.scales, "offsets": value.offsets, "in_scale": value.in_scale}
+            for part, pname in _quant_names(name).items():
+                if parts[part] is not None:
+                    yield from hf_tensors({pname: np.asarray(jax.device_get(parts[part]))}, None)
+            continue
+        arr = np.asarray(jax.device_get(value))
+        arr = arr if dtype is None else arr.astype(np_dtype)
         if name.startswith(LAYER_PREFIX):
             rest = name[len(LAYER_PREFIX) :]
             for i in range(arr.shape[0]):
@@ -242,6 +323,7 @@ def save_hf(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     generation_config: dict | None = None,
     run_info: dict | None = None,
+    quantization_config: dict | None = None,
 ):
     """Write a HF folder that transformers' AutoModelForCausalLM loads with no custom code.
 
@@ -265,21 +347,24 @@ def save_hf(
             size = 0
         shards[-1][name] = arr
         size += arr.nbytes
+    stem = WEIGHT_STEMS[quantization_config is not None]
     if len(shards) == 1:
-        save_safetensors(shards[0], tmp / "model.safetensors")
+        save_safetensors(shards[0], tmp / f"{stem}.safetensors")
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            fname = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_safetensors(shard, tmp / fname)
             weight_map.update({k: fname for k in shard})
         total = sum(a.nbytes for s in shards for a in s.values())
-        (tmp / "model.safetensors.index.json").write_text(
+        (tmp / f"{stem}.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
         )
 
     hf_cfg = cfg.to_hf_dict()
     hf_cfg["dtype"] = jnp.dtype(dtype).name
+    if quantization_config is not None:
+        hf_cfg["quantization_config"] = quantization_config
     (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
     gen = {
         "bos_token_id": cfg.bos_token_id,

@@ -226,8 +226,13 @@ class ModelConfig:
             raise ConfigError(
                 f"model_type {model_type!r} is not supported; smedjan loads {sorted(SUPPORTED_MODEL_TYPES)}"
             )
-        if "quantization_config" in d:
-            raise ConfigError("field 'quantization_config': pre-quantized checkpoints cannot be loaded")
+        quant = d.pop("quantization_config", None)
+        if quant is not None and (not isinstance(quant, dict) or quant.get("quant_method") != "smedjan"):
+            method = quant.get("quant_method") if isinstance(quant, dict) else quant
+            raise ConfigError(
+                f"field 'quantization_config': {method!r} checkpoints cannot be loaded (smedjan reads its own, "
+                "quant_method 'smedjan', written by `smedjan quantize`)"
+            )
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in d if k not in fields and k not in _HARMLESS_KEYS)
         if unknown:

@@ -4,6 +4,8 @@ CPU: Pallas interpret mode (``interpret=True``; output buffers start as NaN, so
 an unwritten tile fails the finiteness check).  GPU (``-m gpu``): compiled.
 """
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,6 +83,45 @@ def test_int8_matmul_interpret(M, N, K, blocks):
     assert rel_err(out, int8_matmul_reference(x, w, s)) < 1e-2
 
 
+# Every M a model can produce (decode 1..16, ragged prefills such as 77 tokens, big prefills) against
+# odd K and N: blocks stay powers of two, operands are padded.
+ODD = [(1, 64, 48), (3, 100, 70), (17, 96, 160), (77, 192, 172), (130, 48, 200)]
+
+
+@pytest.mark.parametrize("M,N,K", ODD)
+def test_odd_shapes_interpret(M, N, K):
+    a, b = _ab(M + 2 * N + K, M, N, K)
+    w, s = _w8(M + N, K, N)
+    out = matmul(a, b, interpret=True)
+    assert out.shape == (M, N) and rel_err(out, matmul_reference(a, b)) < 1e-2
+    out = int8_matmul(a, w, s, interpret=True)
+    assert out.shape == (M, N) and rel_err(out, int8_matmul_reference(a, w, s)) < 1e-2
+
+
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_split_k_interpret(splits):
+    a, b = _ab(5, 4, 40, 256)
+    w, s = _w8(5, 256, 40)
+    kw = dict(block_k=64, splits=splits, interpret=True)
+    assert rel_err(matmul(a, b, **kw), matmul_reference(a, b)) < 1e-2
+    assert rel_err(int8_matmul(a, w, s, **kw), int8_matmul_reference(a, w, s)) < 1e-2
+
+
+@pytest.mark.parametrize("M", [1, 16, 77, 300])
+def test_lowers_to_triton_any_m(monkeypatch, M):
+    """The compiled path for CUDA, without a GPU: a 77-row prefill used to stop the Triton lowering
+    ("size is a power of 2, encountered (80, 64)")."""
+    from triton_lowering import TRITON_CALL, lower_for_cuda
+
+    mod = importlib.import_module("pallas_kernels.matmul")
+    S = jax.ShapeDtypeStruct
+    x, w = S((M, 192), jnp.bfloat16), S((192, 172), jnp.bfloat16)
+    assert TRITON_CALL in lower_for_cuda(monkeypatch, "pallas_kernels.matmul", lambda a, b: mod.matmul(a, b), x, w)
+    w8, s = S((192, 172), jnp.int8), S((172,), jnp.float32)
+    text = lower_for_cuda(monkeypatch, "pallas_kernels.matmul", lambda a, b, c: mod.int8_matmul(a, b, c), x, w8, s)
+    assert TRITON_CALL in text
+
+
 def test_cpu_fallbacks_match():
     a, b = _ab(11, 33, 20, 40)
     w, s = _w8(11, 40, 20)
@@ -90,7 +131,7 @@ def test_cpu_fallbacks_match():
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("M,N,K", [(4096, 4096, 4096), (1000, 3000, 2000), (16, 8192, 4096)])
+@pytest.mark.parametrize("M,N,K", [(4096, 4096, 4096), (1000, 3000, 2000), (16, 8192, 4096), *ODD])
 def test_gpu_matmul(M, N, K):
     a, b = _ab(M + N, M, N, K)
     assert rel_err(matmul(a, b), matmul_reference(a, b)) < 1e-2
@@ -98,7 +139,7 @@ def test_gpu_matmul(M, N, K):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("M,N,K", [(16, 8192, 4096), (512, 4096, 4096)])
+@pytest.mark.parametrize("M,N,K", [(16, 8192, 4096), (512, 4096, 4096), *ODD, (1, 2560, 2048), (77, 11264, 2048)])
 def test_gpu_int8_matmul(M, N, K):
     x, _ = _ab(M, M, N, K)
     w, s = _w8(M, K, N)

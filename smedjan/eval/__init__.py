@@ -1,0 +1,1 @@
+"""Evaluation: perplexity.py (perplexity of a model on a text file)."""
