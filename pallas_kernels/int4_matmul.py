@@ -15,7 +15,8 @@ exact in bf16) go into the dot as they are, and the group's scale and offset are
     sum_k x[m, k] w[k, n] = sum_g ( s[g, n] * (x_g @ q_g)[m, n] + o[g, n] * sum_{k in g} x[m, k] ),
 
 so per group the kernel converts G x block_n codes and does 2 x block_m x block_n multiply-adds instead
-of dequantizing G x block_n weights; the per-group row sums of x are a tiny XLA reduction outside.
+of dequantizing G x block_n weights (the group's row sums of x come from the x tile in registers).
+A single row (batch-1 decode) skips tl.dot and its 16-row minimum: broadcast-multiply-sum instead.
 
 One program walks whole groups of one [block_m, block_n] output tile; tiles, padding (any M and N;
 K up to a whole group, which `pack_int4`'s caller pads with zero rows) and split-K for skinny decode
@@ -72,7 +73,9 @@ def int4_matmul_xla(x, packed, scales, offsets, group_size: int):
     return jnp.dot(x, w, preferred_element_type=f32)
 
 
-def _int4_kernel(x_ref, w_ref, s_ref, o_ref, xs_ref, out_ref, *, group_size, steps):
+def _int4_kernel(x_ref, w_ref, s_ref, o_ref, out_ref, *, group_size, steps, gemv):
+    """gemv (M == 1): x arrives as a column [K, 1] and each group is two broadcast-multiply-sums on
+    the CUDA cores (no padding of x to tl.dot's 16 rows); otherwise x [bm, K] and two dots."""
     bm, bn = out_ref.shape
     h = group_size // 2
     first = pl.program_id(1) * steps
@@ -81,16 +84,22 @@ def _int4_kernel(x_ref, w_ref, s_ref, o_ref, xs_ref, out_ref, *, group_size, ste
         g = first + i
         k0 = pl.multiple_of(g * group_size, group_size)
         p = w_ref[pl.ds(pl.multiple_of(g * h, h), h), :]
-        xl = x_ref[:, pl.ds(k0, h)]
-        xh = x_ref[:, pl.ds(k0 + h, h)]
-        lo = (p & 15).astype(xl.dtype)
-        hi = (p >> 4).astype(xl.dtype)
-        dims = (((1,), (0,)), ((), ()))
-        part = lax.dot_general(xl, lo, dims, preferred_element_type=f32)
-        part = part + lax.dot_general(xh, hi, dims, preferred_element_type=f32)
+        if gemv:
+            xl = x_ref[pl.ds(k0, h), :].astype(f32)  # [h, 1]
+            xh = x_ref[pl.ds(k0 + h, h), :].astype(f32)
+            part = jnp.sum(xl * (p & 15).astype(f32), axis=0, keepdims=True)
+            part = part + jnp.sum(xh * (p >> 4).astype(f32), axis=0, keepdims=True)
+            xsum = jnp.sum(xl, axis=0, keepdims=True) + jnp.sum(xh, axis=0, keepdims=True)  # [1, 1]
+        else:
+            xl = x_ref[:, pl.ds(k0, h)]
+            xh = x_ref[:, pl.ds(k0 + h, h)]
+            dims = (((1,), (0,)), ((), ()))
+            part = lax.dot_general(xl, (p & 15).astype(xl.dtype), dims, preferred_element_type=f32)
+            part = part + lax.dot_general(xh, (p >> 4).astype(xh.dtype), dims, preferred_element_type=f32)
+            xsum = jnp.sum(xl.astype(f32), axis=1, keepdims=True) + jnp.sum(xh.astype(f32), axis=1, keepdims=True)
         s = s_ref[pl.ds(g, 1), :].astype(f32)
         o = o_ref[pl.ds(g, 1), :].astype(f32)
-        return acc + part * s + xs_ref[:, pl.ds(g, 1)] * o
+        return acc + part * s + xsum * o
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), f32))
     out_ref[...] = acc.astype(out_ref.dtype)
@@ -138,34 +147,32 @@ def int4_matmul(
         return int4_matmul_xla(x, packed, scales, offsets, group_size).astype(out_dtype)
 
     dbm, dbn, dw, dst = _default_config(M)
-    bm = min(block_m or dbm, max(MIN_BLOCK, next_pow2(M)))
+    gemv = M == 1
+    bm = 1 if gemv else min(block_m or dbm, max(MIN_BLOCK, next_pow2(M)))
     bn = pick_block(N, block_n or dbn)
     Mp, Np = round_up(M, bm), round_up(N, bn)
     ngroups = K // group_size
-    xs = x.astype(f32).reshape(M, ngroups, group_size).sum(-1)
-    x, xs = pad2(x, Mp, K), pad2(xs, Mp, ngroups)
+    x = x.reshape(K, 1) if gemv else pad2(x, Mp, K)
     packed, scales, offsets = pad2(packed, K2, Np), pad2(scales, ngroups, Np), pad2(offsets, ngroups, Np)
     nm, nn = Mp // bm, Np // bn
     ks = pick_splits(nm * nn, ngroups, splits) if M <= 64 else (splits or 1)
     ids = lambda pid: grouped_ids(pid, nm, nn, group_m)
-    rows = lambda pid, s: (ids(pid)[0], 0)
     cols = lambda pid, s: (0, ids(pid)[1])
     out = pl.pallas_call(
-        functools.partial(_int4_kernel, group_size=group_size, steps=ngroups // ks),
+        functools.partial(_int4_kernel, group_size=group_size, steps=ngroups // ks, gemv=gemv),
         grid=(nm * nn, ks),
         in_specs=[
-            block_spec((bm, K), rows),
+            block_spec((K, 1), lambda pid, s: (0, 0)) if gemv else block_spec((bm, K), lambda pid, s: (ids(pid)[0], 0)),
             block_spec((K2, bn), cols),
             block_spec((ngroups, bn), cols),
             block_spec((ngroups, bn), cols),
-            block_spec((bm, ngroups), rows),
         ],
         out_specs=block_spec((bm, bn), lambda pid, s: (ids(pid)[0], s * nn + ids(pid)[1])),
         out_shape=jax.ShapeDtypeStruct((Mp, ks * Np), out_dtype if ks == 1 else f32),
         compiler_params=triton_params(num_warps or dw, num_stages or dst),
         interpret=resolve_interpret(interpret),
         name="int4_matmul",
-    )(x, packed, scales, offsets, xs)
+    )(x, packed, scales, offsets)
     if ks > 1:
         out = out.reshape(Mp, ks, Np).sum(axis=1).astype(out_dtype)
     return out[:M, :N]

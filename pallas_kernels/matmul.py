@@ -22,6 +22,9 @@ off).  Blocks are picked to divide K and N where a power of two does, so a
 model's weights (multiples of 64 or 128) are never copied; only odd dims pay
 for a padded copy.
 
+A single row (batch-1 decode) skips tl.dot and its 16-row minimum: the kernel multiplies the weight
+tile by the broadcast activation column and sums (a GEMV on the CUDA cores, bandwidth bound anyway).
+
 Split-K: a skinny (decode) product has few output tiles - a [1, 2048] x
 [2048, 2048] GEMV is 32 tiles of 64 columns on a 132-SM GPU - so the K loop is
 split over ``splits`` programs per tile that write fp32 partial tiles, summed
@@ -101,7 +104,9 @@ def pad2(a, rows: int, cols: int):
     return a if (r, c) == (rows, cols) else jnp.pad(a, ((0, rows - r), (0, cols - c)))
 
 
-def _mm_kernel(a_ref, b_ref, *rest, block_k, steps, has_scale):
+def _mm_kernel(a_ref, b_ref, *rest, block_k, steps, has_scale, gemv):
+    """gemv (M == 1): a arrives as a column [K, 1] and each step is a broadcast-multiply-sum on the
+    CUDA cores (no padding of a to tl.dot's 16 rows); otherwise a [bm, K] tile and tl.dot."""
     if has_scale:
         s_ref, o_ref = rest
     else:
@@ -111,8 +116,11 @@ def _mm_kernel(a_ref, b_ref, *rest, block_k, steps, has_scale):
 
     def body(kb, acc):
         start = pl.multiple_of((first + kb) * block_k, block_k)
-        a = a_ref[:, pl.ds(start, block_k)]
         b = b_ref[pl.ds(start, block_k), :]
+        if gemv:
+            a = a_ref[pl.ds(start, block_k), :].astype(f32)
+            return acc + jnp.sum(a * b.astype(f32), axis=0, keepdims=True)
+        a = a_ref[:, pl.ds(start, block_k)]
         if b.dtype != a.dtype:
             b = b.astype(a.dtype)  # int8 -> bf16, exact
         return acc + lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=f32)
@@ -140,17 +148,18 @@ def _pallas_matmul(
     M, K = a.shape
     _, N = b.shape
     dbm, dbn, dbk, dw, dst = _default_config(M, N, K, b.dtype == jnp.int8)
-    bm = min(block_m or dbm, max(MIN_BLOCK, next_pow2(M)))
+    gemv = M == 1
+    bm = 1 if gemv else min(block_m or dbm, max(MIN_BLOCK, next_pow2(M)))
     bn, bk = pick_block(N, block_n or dbn), pick_block(K, block_k or dbk)
     Mp, Np, Kp = round_up(M, bm), round_up(N, bn), round_up(K, bk)
     a, b = pad2(a, Mp, Kp), pad2(b, Kp, Np)
     nm, nn, nk = Mp // bm, Np // bn, Kp // bk
     ks = pick_splits(nm * nn, nk, splits) if M <= 64 else (splits or 1)
     ids = lambda pid, s: grouped_ids(pid, nm, nn, group_m)
-    in_specs = [
-        block_spec((bm, Kp), lambda pid, s: (ids(pid, s)[0], 0)),
-        block_spec((Kp, bn), lambda pid, s: (0, ids(pid, s)[1])),
-    ]
+    a_spec = block_spec((bm, Kp), lambda pid, s: (ids(pid, s)[0], 0))
+    if gemv:
+        a, a_spec = a.reshape(Kp, 1), block_spec((Kp, 1), lambda pid, s: (0, 0))
+    in_specs = [a_spec, block_spec((Kp, bn), lambda pid, s: (0, ids(pid, s)[1]))]
     args = [a, b]
     if scales is not None:
         s = scales.astype(f32)
@@ -160,7 +169,7 @@ def _pallas_matmul(
         args.append(s)
     # Split-K programs write their fp32 partial tiles side by side: [Mp, ks * Np], summed below.
     out = pl.pallas_call(
-        functools.partial(_mm_kernel, block_k=bk, steps=nk // ks, has_scale=scales is not None),
+        functools.partial(_mm_kernel, block_k=bk, steps=nk // ks, has_scale=scales is not None, gemv=gemv),
         grid=(nm * nn, ks),
         in_specs=in_specs,
         out_specs=block_spec((bm, bn), lambda pid, s: (ids(pid, s)[0], s * nn + ids(pid, s)[1])),

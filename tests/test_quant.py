@@ -67,7 +67,7 @@ def test_concat_out_joins_along_outputs():
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_forward_and_generate_run_the_quantized_weights(tiny, scheme):
     folder, cfg, params = tiny
-    q = quantize_params(params, cfg, scheme, group_size=32, lm_head=True)
+    q, cfg = quantize_params(params, cfg, scheme, group_size=32, lm_head=True)
     assert is_quantized(q["model.layers.self_attn.q_proj.weight"]) and is_quantized(q["lm_head.weight"])
     deq = _dequantized(q)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 11)), jnp.int32)
@@ -79,7 +79,7 @@ def test_forward_and_generate_run_the_quantized_weights(tiny, scheme):
 
 def test_folder_round_trip_and_transformers_refuses(tiny, tmp_path):
     folder, cfg, params = tiny
-    q = quantize_params(params, cfg, "int4", group_size=32)
+    q, cfg = quantize_params(params, cfg, "int4", group_size=32)
     out = save_hf(tmp_path / "q4", cfg, q, quantization_config=quantization_config("int4", 32, "rtn", False))
     hf_cfg = json.loads((out / "config.json").read_text())
     assert hf_cfg["quantization_config"]["quant_method"] == "smedjan"

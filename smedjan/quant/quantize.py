@@ -62,8 +62,10 @@ def quantize_params(
     calib_tokens: np.ndarray | None = None,
     lm_head: bool = False,
     progress=None,
-) -> dict:
-    """`params` with its linears replaced by QuantizedWeights (the rest untouched)."""
+) -> tuple[dict, ModelConfig]:
+    """(params with the linears replaced by QuantizedWeights, config). `lm_head` on a model that ties its
+    head to the embedding unties them: the table stays float for the lookup, the head becomes a
+    quantized copy (read every decode step, it is worth its bytes), and the config says untied."""
     if scheme not in SCHEMES:
         raise QuantizeError(f"--scheme must be one of {SCHEMES}, got {scheme!r}")
     if method not in METHODS:
@@ -71,9 +73,11 @@ def quantize_params(
     if scheme == "int4" and (group_size < 32 or group_size & (group_size - 1)):
         raise QuantizeError(f"--group-size must be a power of two >= 32, got {group_size}")
     names = list(LINEARS)
+    params = dict(params)
     if lm_head:
         if cfg.tie_word_embeddings:
-            raise QuantizeError("--lm-head: this model ties the LM head to the embedding table, which stays float")
+            cfg = cfg.replace(tie_word_embeddings=False)
+            params["lm_head.weight"] = params["model.embed_tokens.weight"]
         names.append("lm_head.weight")
     in_scales = {}
     if method == "awq":
@@ -82,10 +86,9 @@ def quantize_params(
         from smedjan.quant.awq import awq_scales
 
         in_scales = awq_scales(params, cfg, calib_tokens, scheme, group_size, progress=progress)
-    out = dict(params)
     for name in names:
-        out[name] = quantize(params[name], scheme, group_size, in_scale=in_scales.get(name))
-    return out
+        params[name] = quantize(params[name], scheme, group_size, in_scale=in_scales.get(name))
+    return params, cfg
 
 
 def quantization_config(scheme: str, group_size: int, method: str, lm_head: bool) -> dict:
@@ -144,7 +147,7 @@ def quantize_folder(
         tokens = calibration_tokens(
             calib, Tokenizer.from_dir(folder), calib_rows, min(calib_seq_len, cfg.max_position_embeddings)
         )
-    qparams = quantize_params(
+    qparams, cfg = quantize_params(
         params,
         cfg,
         scheme,
