@@ -25,15 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.decode import bench_batch1, bench_engine
-from smedjan import generate as gen
 from smedjan.config import preset
-from smedjan.model.transformer import init_params
+from smedjan.infer import runner as gen
+from smedjan.infer.sampling import SamplingParams
+from smedjan.model.transformer import init_params, param_bytes
 from smedjan.quant.quantize import quantize_params
 
 
 def bench_prefill(cfg, w, prompt_len, repeats):
     runner = gen.Runner(w, cfg, 1, gen.next_bucket(prompt_len + 2, minimum=64))
-    row = gen.SamplingParams().row(0)
+    row = SamplingParams().row(0)
     prompt = np.random.default_rng(2).integers(0, cfg.vocab_size, prompt_len).tolist()
     jax.block_until_ready(runner.prefill([0], [prompt], [row]))
     times = []
@@ -120,7 +121,7 @@ def main(argv=None):
         r1, w = bench_batch1(
             qcfg, params, prompt_len=args.prompt_len, new_tokens=args.new_tokens, attn=args.attn, repeats=args.repeats
         )
-        row["weight_gb"] = gen.param_bytes(w) / 1e9
+        row["weight_gb"] = param_bytes(w) / 1e9
         row["b1_tok_s"] = r1["tokens_per_s"]
         row["tokens"] = r1["tokens"][:8]
         print(f"{scheme}: batch 1 {r1['tokens_per_s']:.0f} tok/s ({row['weight_gb']:.2f} GB prepared)", flush=True)

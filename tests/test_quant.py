@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 from test_generate import make_tiny_checkpoint
 
+from smedjan.backend import settings
 from smedjan.checkpoint import load_hf, save_hf
-from smedjan.generate import generate, load_tokenizer
+from smedjan.infer.cli import load_tokenizer
+from smedjan.infer.runner import generate
 from smedjan.model.transformer import forward
 from smedjan.quant.awq import search_scale
 from smedjan.quant.quantize import quantization_config, quantize_params
-from smedjan.quant.qweight import QuantizedWeight, concat_out, dequantize, is_quantized, qmatmul, quantize
+from smedjan.quant.qweight import QuantizedWeight, dequantize, is_quantized, join_outputs, qmatmul, quantize
 
 
 def _dequantized(params):
@@ -53,15 +55,20 @@ def test_int4_codes_are_stored_two_per_byte():
     assert qw.scales.shape == (1, 8) and qw.offsets.shape == (1, 8)
 
 
-def test_concat_out_joins_along_outputs():
-    ws = [quantize(jax.random.normal(jax.random.key(i), (n, 64)), "int4", 32) for i, n in enumerate((16, 8))]
-    joined = concat_out(ws)
+def test_join_outputs_matches_the_float_layout():
+    # q/k/v of 2 kv heads, 2 query heads each, head dim 4: joined per kv head as the model joins floats
+    ws = [jax.random.normal(jax.random.key(i), (n, 64)) for i, n in enumerate((16, 8, 8))]
+    qs = [quantize(w, "int4", 32) for w in ws]
+    joined = join_outputs(qs, (2, 4, 4), groups=2)
     x = jax.random.normal(jax.random.key(9), (3, 64))
-    np.testing.assert_allclose(
-        qmatmul(x, joined), jnp.concatenate([qmatmul(x, w) for w in ws], -1), rtol=1e-5, atol=1e-5
-    )
+    deq = [dequantize(q) for q in qs]
+    want = jnp.concatenate([d.reshape(2, -1, 4, 64) for d in deq], axis=1)  # [Hkv, G + 2, hd, in]
+    np.testing.assert_allclose(qmatmul(x, joined), jnp.einsum("mi,kghi->mkgh", x, want), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError):
-        concat_out([ws[0], quantize(jnp.ones((8, 64)), "int8")])
+        join_outputs([qs[0], quantize(jnp.ones((8, 64)), "int8")], (2, 12), groups=2)
+    # gate/up: one after the other
+    gu = join_outputs(qs[1:], (2, 8))
+    np.testing.assert_allclose(qmatmul(x, gu), jnp.stack([x @ d.T for d in deq[1:]], axis=1), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -71,7 +78,11 @@ def test_forward_and_generate_run_the_quantized_weights(tiny, scheme):
     assert is_quantized(q["model.layers.self_attn.q_proj.weight"]) and is_quantized(q["lm_head.weight"])
     deq = _dequantized(q)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 11)), jnp.int32)
-    np.testing.assert_allclose(forward(q, tokens, cfg), forward(deq, tokens, cfg), rtol=2e-4, atol=2e-4)
+    want = forward(deq, tokens, cfg)
+    np.testing.assert_allclose(forward(q, tokens, cfg), want, rtol=2e-4, atol=2e-4)
+    # the GPU layout: q/k/v and gate/up joined into one quantized weight each
+    fused = settings().replace(fuse_projections=True)
+    np.testing.assert_allclose(forward(q, tokens, cfg, backend=fused), want, rtol=2e-4, atol=2e-4)
     # the decode engine (prefill + decode loop over its own joined weights), greedy
     prompts = [[1, 5, 9, 13], [7, 3]]
     assert generate(q, cfg, prompts, max_new_tokens=6) == generate(deq, cfg, prompts, max_new_tokens=6)
@@ -127,7 +138,7 @@ def test_quantize_cli_awq_then_generate(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "5"]) == 0
     tok = load_tokenizer(out)
-    want = generate(_dequantized(loaded), cfg, [tok.encode("The quick", add_bos=True)], max_new_tokens=5)[0]
+    want = generate(_dequantized(loaded), cfg, [tok.encode_prompt("The quick")], max_new_tokens=5)[0]
     assert capsys.readouterr().out.startswith(tok.decode(want, skip_special_tokens=True)[:3])
     # bad input: one line, no traceback
     assert main(["quantize", str(folder), "--scheme", "int4", "--method", "awq", "--out", str(tmp_path / "x")]) == 1

@@ -56,7 +56,7 @@ def perplexity(
 def _cmd_perplexity(args) -> int:
     from tqdm import tqdm
 
-    from smedjan.generate import default_dtype, load_model
+    from smedjan.infer.cli import default_dtype, load_model
 
     path = Path(args.data)
     if not path.is_file():

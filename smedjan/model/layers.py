@@ -46,8 +46,15 @@ def linear(x, w, b=None, *, scale=None):
     The product runs on w viewed as [prod(out), in], the output reshaped after: the plain 2-D GEMM/GEMV
     the separate decoder ran. (With multi-axis dots the one decoder's 1b batch-1 decode measured 6%
     slower than that decoder in the same H200 run; not yet profiled which op cost it.)
+    A weight object with a `linear(x)` method (smedjan/quant/qweight.py's QuantizedWeight: the
+    Pallas int8/int4 kernels on GPU) computes the product itself, in the same output shape.
     `scale` [..., 1]: multiplies the float32 product before the cast and the bias (a folded norm).
     """
+    if hasattr(w, "linear"):  # a weight object computing its own product: a quantized weight, a probe
+        y = w.linear(x)
+        if scale is not None:
+            y = (y.astype(jnp.float32) * scale.reshape(scale.shape + (1,) * (y.ndim - scale.ndim))).astype(x.dtype)
+        return y if b is None else y + b.astype(x.dtype)
     out_shape = w.shape[:-1]
     w = w.reshape(-1, w.shape[-1]).astype(x.dtype)
     if scale is None:

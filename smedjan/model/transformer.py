@@ -27,6 +27,7 @@ from smedjan.model.cache import Pass
 from smedjan.model.layers import linear, rms_norm
 from smedjan.model.mlp import mlp_block
 from smedjan.model.rope import rope_cos_sin
+from smedjan.quant.qweight import join_outputs
 
 LAYER_PREFIX = "model.layers."
 
@@ -109,7 +110,10 @@ def prepare_layers(layers: dict, cfg: ModelConfig, backend: Backend, dtype, fold
     consume the norm's output (in float32, rounded once) and dropped; the blocks then scale the
     projections' outputs by 1/rms (`layers.pre_norm`).
     """
-    if fold_norms and not any(".lora_A." in k for k in layers):  # a LoRA update reads the normalised x
+    # A LoRA update reads the normalised x, and a quantized matrix (a weight object, `hasattr(w, "linear")`,
+    # smedjan/quant/qweight.py) cannot absorb the norm weight: the norms then stay unfolded.
+    quantized = any(hasattr(v, "linear") for v in layers.values())
+    if fold_norms and not quantized and not any(".lora_A." in k for k in layers):
         layers = dict(layers)
         consumers = {
             "input_layernorm.weight": [f"self_attn.{n}_proj.weight" for n in "qkv"],
@@ -120,7 +124,10 @@ def prepare_layers(layers: dict, cfg: ModelConfig, backend: Backend, dtype, fold
             for n in names:
                 layers[n] = (layers[n].astype(jnp.float32) * ln).astype(dtype)
     # LoRA dropout keys are integers: only floating tensors take the compute dtype
-    layers = {k: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in layers.items()}
+    layers = {
+        k: v.astype(dtype) if not hasattr(v, "linear") and jnp.issubdtype(v.dtype, jnp.floating) else v
+        for k, v in layers.items()
+    }
     if not backend.fuse_projections:
         return layers
     hkv, hd = cfg.num_key_value_heads, cfg.head_dim
@@ -128,12 +135,15 @@ def prepare_layers(layers: dict, cfg: ModelConfig, backend: Backend, dtype, fold
     def grouped(kind):
         names = [f"self_attn.{n}_proj.{kind}" for n in "qkv"]
         ts = [layers.pop(n) for n in names]
+        if quantized and kind == "weight":  # the same layout on the quantized output axis
+            return join_outputs(ts, (hkv, cfg.num_attention_heads // hkv + 2, hd), groups=hkv)
         return jnp.concatenate([t.reshape(t.shape[0], hkv, -1, hd, *t.shape[2:]) for t in ts], axis=2)
 
     layers["qkv"] = grouped("weight")
     if "self_attn.q_proj.bias" in layers:
         layers["qkv_bias"] = grouped("bias")
-    layers["gate_up"] = jnp.stack([layers.pop("mlp.gate_proj.weight"), layers.pop("mlp.up_proj.weight")], axis=1)
+    gate_up = [layers.pop("mlp.gate_proj.weight"), layers.pop("mlp.up_proj.weight")]
+    layers["gate_up"] = join_outputs(gate_up, (2, cfg.intermediate_size)) if quantized else jnp.stack(gate_up, axis=1)
     return layers
 
 
@@ -150,7 +160,8 @@ def prepare(params: dict, cfg: ModelConfig, backend: Backend, dtype=None) -> dic
     stacked = prepare_layers(layer_params(params), cfg, backend, dtype, fold_norms=True)
     layers = _unstack(stacked, cfg.num_hidden_layers)
     e = embed.astype(dtype)
-    head = e if cfg.tie_word_embeddings else lm_head(params, cfg).astype(dtype)
+    head = e if cfg.tie_word_embeddings else lm_head(params, cfg)
+    head = head if hasattr(head, "linear") else head.astype(dtype)
     return {"embed": e, "head": head, "norm": params["model.norm.weight"].astype(dtype), "layers": layers}
 
 

@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from smedjan.backend import settings
 from smedjan.config import ModelConfig
 from smedjan.model.rope import rope_cos_sin
-from smedjan.model.transformer import decoder_layer, layer_params
+from smedjan.model.transformer import Ctx, decoder_layer, layer_params
 from smedjan.quant.qweight import dequantize, quantize
 
 f32 = jnp.float32
@@ -54,6 +55,7 @@ def layer_inputs(params: dict, cfg: ModelConfig, tokens: np.ndarray, progress=No
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     x = jnp.take(params["model.embed_tokens.weight"], tokens, axis=0).astype(f32)
     cos, sin = rope_cos_sin(cfg, positions, seq_len=s)
+    ctx = Ctx(settings(), cos, sin, positions, None, None)
     lp = layer_params(params)
     rng = np.random.default_rng(0)
     out = []
@@ -64,7 +66,7 @@ def layer_inputs(params: dict, cfg: ModelConfig, tokens: np.ndarray, progress=No
             for name in group:
                 # only the first of a group records: the others read the same input
                 p[name] = _Probe(p[name], sinks[group[0]] if name == group[0] else [])
-        x, _ = decoder_layer(x, p, cfg, cos, sin, positions, None, None, "xla")
+        x, _ = decoder_layer(x, p, cfg, ctx)
         rows = {}
         for name, sink in sinks.items():
             a = np.concatenate(sink)

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels.int4_matmul import check_group_size, dequantize_int4, int4_matmul, pack_int4
 from pallas_kernels.matmul import int8_matmul
@@ -40,6 +39,7 @@ class QuantizedWeight:
     bits: int = field(default=8, metadata=dict(static=True))
     group_size: int = field(default=0, metadata=dict(static=True))  # int4 only
     in_features: int = field(default=0, metadata=dict(static=True))  # K before padding
+    out_shape: tuple = field(default=(), metadata=dict(static=True))  # joined weights' output axes
 
     @property
     def scheme(self) -> str:
@@ -54,8 +54,12 @@ class QuantizedWeight:
         return qmatmul(x, self)
 
     def map(self, f) -> QuantizedWeight:
-        """Apply `f` to every array field (e.g. slice one layer out of a stacked weight)."""
+        """Apply `f` to every array field."""
         return jax.tree.map(f, self)
+
+    def __getitem__(self, i) -> QuantizedWeight:
+        """Layer i of a stacked weight (as indexing a stacked float weight does)."""
+        return self.map(lambda a: a[i])
 
 
 def is_quantized(w) -> bool:
@@ -123,6 +127,7 @@ def quantize(w, scheme: str, group_size: int = 128, in_scale=None) -> QuantizedW
 
 
 def _fields(w: QuantizedWeight) -> dict:
+    """Every field but out_shape (a joined weight's own)."""
     return dict(
         q=w.q,
         scales=w.scales,
@@ -148,7 +153,7 @@ def dequantize(w: QuantizedWeight, dtype=f32):
 
 
 def qmatmul(x, w: QuantizedWeight):
-    """x [..., K] · w -> [..., N] in x's dtype (one weight, no stacked axis)."""
+    """x [..., K] · w -> [..., N] (or [..., *out_shape]) in x's dtype (one weight, no stacked axis)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if w.in_scale is not None:
@@ -160,22 +165,33 @@ def qmatmul(x, w: QuantizedWeight):
         if kp != x2.shape[1]:
             x2 = jnp.pad(x2, ((0, 0), (0, kp - x2.shape[1])))
         y = int4_matmul(x2, w.q, w.scales, w.offsets, group_size=w.group_size)
-    return y.reshape(*lead, w.out_features)
+    return y.reshape(*lead, *(w.out_shape or (w.out_features,)))
 
 
-def concat_out(ws: list[QuantizedWeight]) -> QuantizedWeight:
-    """Join weights that share their input (q/k/v, gate/up) along the output axis: one kernel call.
-    They must share scheme, group size and in_scale (AWQ searches one scale per such group)."""
+def join_outputs(ws: list[QuantizedWeight], out_shape: tuple, groups: int = 1) -> QuantizedWeight:
+    """Weights that read the same input (q/k/v, gate/up) as one, run by one kernel call, whose product
+    has shape [..., *out_shape]. Each weight's outputs are split into `groups` equal groups and the
+    groups interleaved: q/k/v with groups Hkv, out_shape (Hkv, G + 2, hd) give the model's joined
+    layout, per kv head its G query heads, its k, its v; gate/up (groups 1, out_shape (2, F)) are one
+    after the other. The weights must share scheme, group size and in_scale (AWQ searches one scale
+    per such group)."""
     first = ws[0]
     for w in ws[1:]:
         if (w.bits, w.group_size, w.in_features) != (first.bits, first.group_size, first.in_features):
             raise ValueError("cannot join quantized weights of different schemes")
-        if (w.in_scale is None) != (first.in_scale is None) or (
-            w.in_scale is not None and not np.array_equal(np.asarray(w.in_scale), np.asarray(first.in_scale))
-        ):
-            raise ValueError("cannot join quantized weights with different input scales")
-    cat = lambda name: None if getattr(first, name) is None else jnp.concatenate([getattr(w, name) for w in ws], -1)
-    return QuantizedWeight(**{**_fields(first), "q": cat("q"), "scales": cat("scales"), "offsets": cat("offsets")})
+
+    def join(name):
+        parts = [getattr(w, name) for w in ws]
+        if parts[0] is None:
+            return None
+        split = [p.reshape(*p.shape[:-1], groups, p.shape[-1] // groups) for p in parts]
+        cat = jnp.concatenate(split, axis=-1)
+        return cat.reshape(*cat.shape[:-2], -1)
+
+    return QuantizedWeight(
+        **{**_fields(first), "q": join("q"), "scales": join("scales"), "offsets": join("offsets")},
+        out_shape=tuple(out_shape),
+    )
 
 
 def nbytes(w) -> int:
