@@ -42,12 +42,17 @@ PROMPTS = ["Give me three colors.", "What is a good name for a dog?", "Write a s
 
 
 def before(out, ft, objective):
-    """Validation of the starting model: one step whose learning rate is 0 (the warm-up's first)."""
-    return finetune(rc_for(out, 1), ft, objective)
+    """Validation of the starting model: one step at a learning rate of 1e-12 (Adam moves each weight by
+    about that much; a run has at least one step, and a 1-step schedule has no warm-up)."""
+    return finetune(rc_for(out, 1, lr=1e-12), ft, objective)
+
+
+SEQ = 256
+STEPS = {"sft": 150, "hh_sft": 100, "dpo": 150, "kd": 300}
 
 
 def rc_for(out, steps, **kw):
-    base = dict(out=str(out), steps=steps, batch_size=8, seq_len=256, lr=1e-3, warmup_steps=5, weight_decay=0.0)
+    base = dict(out=str(out), steps=steps, batch_size=8, seq_len=SEQ, lr=1e-3, warmup_steps=5, weight_decay=0.0)
     base.update(eval_every=max(steps, 1), eval_batches=8, save_every=10_000, log_every=10, progress=False)
     base.update(kw)
     return from_dict(base)
@@ -83,10 +88,10 @@ def sft_stage(model, out, rows):
         )
         start = before(out / f"sft_{name}_0", ft, SFT())["val_loss"]
         t = time.time()
-        s = finetune(rc_for(out / f"sft_{name}", 150, lr=3e-3 if lora else 1e-3), ft, SFT())
+        s = finetune(rc_for(out / f"sft_{name}", STEPS["sft"], lr=3e-3 if lora else 1e-3), ft, SFT())
         res[name] = dict(before=start, after=s["val_loss"], wall_s=time.time() - t)
         rows.append(
-            f"| SFT {name} (150 steps, 8x256) | held-out loss {start:.3f} -> {s['val_loss']:.3f} | {time.time() - t:.0f} s |"
+            f"| SFT {name} ({STEPS['sft']} steps, 8x{SEQ}) | held-out loss {start:.3f} -> {s['val_loss']:.3f} | {time.time() - t:.0f} s |"
         )
     res["answers_before"] = answers(model)
     res["answers_lora"] = answers(model, out / "sft_lora/adapter")
@@ -103,15 +108,15 @@ def dpo_stage(model, out, rows):
             r = json.loads(line)
             g.write(json.dumps({"text": r["prompt"] + r["chosen"]}) + "\n")
     ft = FinetuneConfig(model=str(model), data=(str(chosen),), val_fraction=0.05)
-    s = finetune(rc_for(out / "hh_sft", 100), ft, SFT())
+    s = finetune(rc_for(out / "hh_sft", STEPS["hh_sft"]), ft, SFT())
     sft_model = s["hf_dir"]
     ft = FinetuneConfig(model=sft_model, data=(str(pairs),), val_fraction=0.1)
     at0 = before(out / "dpo_0", ft, DPO(beta=0.1))
-    d = finetune(rc_for(out / "dpo", 150, lr=5e-4), ft, DPO(beta=0.1))
+    d = finetune(rc_for(out / "dpo", STEPS["dpo"], lr=5e-4), ft, DPO(beta=0.1))
     keys = ("val_rewards/accuracies", "val_rewards/margins", "val_loss")
     res = {"sft": {k: at0[k] for k in keys}, "dpo": {k: d[k] for k in keys}}
     rows.append(
-        f"| DPO (beta 0.1, 150 steps) vs its SFT start | held-out reward accuracy {at0[keys[0]]:.3f} -> {d[keys[0]]:.3f}, "
+        f"| DPO (beta 0.1, {STEPS['dpo']} steps) vs its SFT start | held-out reward accuracy {at0[keys[0]]:.3f} -> {d[keys[0]]:.3f}, "
         f"margin {at0[keys[1]]:.3f} -> {d[keys[1]]:.3f}, loss {at0[keys[2]]:.3f} -> {d[keys[2]]:.3f} | |"
     )
     return res
@@ -135,11 +140,13 @@ def distill_stage(model, out, rows, n_stories=1200):
     for name, alpha in (("distilled", 0.5), ("scratch", 0.0)):
         ft = FinetuneConfig(teacher=str(model), student_size="tiny", data=(str(data),), val_fraction=0.1)
         s = finetune(
-            rc_for(out / f"kd_{name}", 300, model_overrides=student, lr=3e-3), ft, Distill(alpha=alpha, temperature=2.0)
+            rc_for(out / f"kd_{name}", STEPS["kd"], model_overrides=student, lr=3e-3),
+            ft,
+            Distill(alpha=alpha, temperature=2.0),
         )
         res[name] = s["val_ce"]
     rows.append(
-        f"| distillation, student 4x smaller, 300 steps | held-out CE distilled {res['distilled']:.3f} vs from scratch "
+        f"| distillation, student 4x smaller, {STEPS['kd']} steps | held-out CE distilled {res['distilled']:.3f} vs from scratch "
         f"{res['scratch']:.3f} | |"
     )
     return res
@@ -150,7 +157,12 @@ def main():
     ap.add_argument("--model", required=True, help="the converted stories260K HF folder")
     ap.add_argument("--out", default="runs/ft_real")
     ap.add_argument("--stages", default="sft,dpo,distill")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
     args = ap.parse_args()
+    global SEQ
+    SEQ = args.seq_len
+    STEPS.update({k: max(1, int(v * args.scale)) for k, v in STEPS.items()})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = out / "stories260K"
