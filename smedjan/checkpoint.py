@@ -175,6 +175,7 @@ def load_params(folder: str | os.PathLike, cfg: ModelConfig, dtype=None, shardin
     handles: dict[Path, object] = {}
 
     from_f64: list[str] = []  # tensors narrowed from float64 (one warning for all)
+    stored_as: dict[str, list[str]] = {}  # stored float dtype -> tensor names (a lone odd dtype is suspicious)
 
     def read(name: str):
         """(the stored dtype's safetensors name, the array as stored)."""
@@ -204,6 +205,7 @@ def load_params(folder: str | os.PathLike, cfg: ModelConfig, dtype=None, shardin
         target = jnp.dtype(dtype) if dtype is not None else jnp.dtype(np.float32) if stored == "F64" else raw.dtype
         if stored == "F64":
             from_f64.append(name)
+        stored_as.setdefault(stored, []).append(name)
         with np.errstate(over="ignore"):  # an overflow shows as Inf just below, named
             arr = raw.astype(target, copy=False)
         if not np.isfinite(arr).all():  # one pass; a NaN weight would only show later as empty output
@@ -275,6 +277,17 @@ def load_params(folder: str | os.PathLike, cfg: ModelConfig, dtype=None, shardin
         warnings.warn(
             f"{folder}: {len(from_f64)} tensors stored as float64 (e.g. {from_f64[0]!r}) were converted to "
             f"{jnp.dtype(dtype or np.float32).name}",
+            stacklevel=2,
+        )
+    if len(stored_as) > 1:
+        # A BF16 header edited to F16 keeps its byte size and so reads without error, as garbage: the only
+        # trace is a tensor whose dtype differs from its neighbours'. Mixed files exist (fp32 norms), so warn.
+        counts = sorted(stored_as.items(), key=lambda kv: -len(kv[1]))
+        odd = counts[-1]
+        warnings.warn(
+            f"{folder}: tensors stored in mixed dtypes ({', '.join(f'{len(v)} {k}' for k, v in counts)}; e.g. "
+            f"{odd[1][0]!r} is {odd[0]}), all converted to {jnp.dtype(dtype).name if dtype is not None else 'their own'}"
+            f"; if the file was not written that way, its header may have been edited",
             stacklevel=2,
         )
     extra = sorted(n for n in files if n not in used and not n.endswith("rotary_emb.inv_freq"))

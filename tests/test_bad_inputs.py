@@ -326,6 +326,19 @@ def test_float64_weights_load_with_a_warning(good, tmp_path):
     assert params[NORM].dtype == np.float32
 
 
+def test_same_size_header_dtype_edit_is_warned(good, tmp_path):
+    """BF16 -> F16 in the header keeps the byte size, so the file reads; the odd dtype is the trace."""
+    import ml_dtypes
+
+    def damage(f):
+        _tensors(lambda t: t.update({k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}))(f)
+        _raw(lambda b: _retype_header(b, NORM, b'BF16"', b'F16" '))(f)
+
+    folder = _damaged(good, tmp_path, damage)
+    with pytest.warns(UserWarning, match=f"mixed dtypes .*e.g. '{NORM}' is F16"):
+        load_hf(folder)
+
+
 def test_overflow_on_conversion_is_named(good, tmp_path):
     import jax.numpy as jnp
 
