@@ -18,7 +18,7 @@ import pytest
 import transformers
 
 from smedjan.checkpoint import load_hf
-from smedjan.generate import generate
+from smedjan.infer.runner import generate
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
