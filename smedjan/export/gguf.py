@@ -288,13 +288,15 @@ def write_gguf(
         w.add_token_scores(tok["scores"])
     if "merges" in tok:
         w.add_token_merges(tok["merges"])
-    for key, add in (("bos_id", w.add_bos_token_id), ("eos_id", w.add_eos_token_id)):
+    ids = {
+        "bos_id": w.add_bos_token_id,
+        "eos_id": w.add_eos_token_id,
+        "unk_id": w.add_unk_token_id,
+        "pad_id": w.add_pad_token_id,
+    }
+    for key, add in ids.items():
         if key in tok:
             add(tok[key])
-    if "unk_id" in tok:
-        w.add_unk_token_id(tok["unk_id"])
-    if "pad_id" in tok:
-        w.add_pad_token_id(tok["pad_id"])
     w.add_add_bos_token(tok["add_bos"])
     w.add_add_eos_token(tok["add_eos"])
     if "add_space_prefix" in tok:
